@@ -1,0 +1,245 @@
+"""Loading and saving Harmon weights, strictly and without executing pickled code.
+
+Supported inputs:
+
+* the released layout: ``harmon_*.pth`` (state dict without ``vae.`` keys) +
+  ``kl16.ckpt`` (``{"model": vae_state_dict}``), with the LLM config from a
+  preset inferred from the weights' shapes or from a Qwen2.5 folder;
+* our folder: ``config.json`` (``model_type: "harmon"``) + ``model.safetensors``
+  (also the layout expected of Hugging Face style folders; ``*.pth`` /
+  ``*.bin`` weights there are read with ``weights_only=True``);
+* a reference fixture folder: ``config.json`` (original kwargs) + ``weights.safetensors``.
+
+The model is built on the meta device and every tensor is loaded straight into
+the target device and dtype, so the weights are never held twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import PRESETS, HarmonConfig, VAEConfig
+from .models.harmon import Harmon, qwen2_config
+
+PathLike = str | os.PathLike
+TIED_KEY, EMBED_KEY = "llm.lm_head.weight", "llm.model.embed_tokens.weight"
+WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked, with the reason."""
+
+
+# -- reading tensors --------------------------------------------------------------------------
+def read_torch_file(path: PathLike) -> dict[str, torch.Tensor]:
+    """A ``.pth`` / ``.ckpt`` / ``.bin`` state dict, loaded with ``weights_only=True`` (no code runs).
+
+    Unwraps ``{"model": ...}`` and ``{"state_dict": ...}`` containers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as err:
+        raise CheckpointError(
+            f"refusing to load {path}: it is not a plain tensor checkpoint that can be read with "
+            f"weights_only=True (no pickled code is ever executed). Details: {str(err).splitlines()[0]}") from err
+    for wrapper in ("model", "state_dict", "module"):
+        if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return obj
+
+
+def read_safetensors(path: PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a ``.safetensors`` file (memory-mapped, CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+# -- building and strict loading ----------------------------------------------------------------
+def build_empty(config: HarmonConfig) -> Harmon:
+    """The model with all parameters on the meta device (no memory allocated)."""
+    with torch.device("meta"):
+        return Harmon(config)
+
+
+def expected_keys(config: HarmonConfig) -> dict[str, tuple[int, ...]]:
+    """State-dict keys and shapes of a model of this configuration (built on meta)."""
+    return {k: tuple(v.shape) for k, v in build_empty(config).state_dict().items()}
+
+
+def load_state_dict(config: HarmonConfig, state_dict: Mapping[str, torch.Tensor], *,
+                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Harmon:
+    """Build the model on meta and fill it from ``state_dict`` with strict key and shape checks.
+
+    The tied ``llm.lm_head.weight`` may be absent. Errors name the missing,
+    unexpected and mis-shaped keys.
+    """
+    model = build_empty(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    given = dict(state_dict)
+    tied = bool(config.llm.get("tie_word_embeddings", False))
+    if tied and TIED_KEY not in given and EMBED_KEY in given:
+        given[TIED_KEY] = given[EMBED_KEY]
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(given) if tuple(given[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        raise CheckpointError(_mismatch_message(missing, unexpected,
+                                                [(k, tuple(given[k].shape), expected[k]) for k in wrong], config))
+    device = torch.device(device)
+    converted = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in given.items()}
+    model.load_state_dict(converted, strict=True, assign=True)
+    if tied:
+        model.llm.lm_head.weight = model.llm.model.embed_tokens.weight
+    _materialize_buffers(model, device)
+    model.eval()
+    return model
+
+
+def _materialize_buffers(model: Harmon, device: torch.device) -> None:
+    """Recreate the non-persistent buffers (rotary frequencies) that meta construction left empty."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    model.llm.model.rotary_emb = Qwen2RotaryEmbedding(model.llm.config).to(device)
+    leftover = [name for name, t in model.named_buffers() if t.is_meta] + \
+               [name for name, t in model.named_parameters() if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"tensors left unloaded on the meta device: {leftover[:10]}")
+
+
+def _mismatch_message(missing, unexpected, wrong, config: HarmonConfig) -> str:
+    def head(keys, n=8):
+        return ", ".join(map(str, keys[:n])) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+    lines = [f"checkpoint does not match the {config.name!r} architecture:"]
+    if missing:
+        lines.append(f"  missing keys: {head(missing)}")
+        if all(k.startswith("vae.") for k in missing):
+            lines.append("  (only VAE weights are missing: released harmon_*.pth files need kl16.ckpt as well)")
+    if unexpected:
+        lines.append(f"  unexpected keys: {head(unexpected)}")
+    if wrong:
+        lines.append("  wrong shapes: " + head([f"{k} {tuple(g)} (expected {tuple(e)})" for k, g, e in wrong]))
+    return "\n".join(lines)
+
+
+# -- the released layout ------------------------------------------------------------------------------
+def infer_config(state_dict: Mapping[str, torch.Tensor]) -> HarmonConfig:
+    """The released preset whose LLM width matches ``state_dict`` (Harmon-0.5B or -1.5B)."""
+    if EMBED_KEY not in state_dict:
+        raise CheckpointError(f"cannot recognise the model: {EMBED_KEY} is not in the checkpoint")
+    hidden = state_dict[EMBED_KEY].shape[1]
+    for make in PRESETS.values():
+        config = make()
+        if config.llm_hidden_size == hidden and config.llm["vocab_size"] == state_dict[EMBED_KEY].shape[0]:
+            return config
+    raise CheckpointError(f"no preset has an LLM of hidden size {hidden}; pass a config explicitly")
+
+
+def config_with_qwen_folder(config: HarmonConfig, qwen_dir: PathLike) -> HarmonConfig:
+    """``config`` with its LLM settings replaced by a Qwen2.5-Instruct folder's ``config.json``."""
+    path = Path(qwen_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{qwen_dir} is not a Qwen2.5 folder: {CONFIG_NAME} is missing")
+    llm = json.loads(path.read_text())
+    keep = set(qwen2_config({}).to_dict()) - {"architectures", "transformers_version", "dtype", "torch_dtype"}
+    llm = {k: v for k, v in llm.items() if k in keep and k not in ("model_type",)}
+    return HarmonConfig(llm=llm, mar=config.mar, vae=config.vae, vae_scale=config.vae_scale, name=config.name)
+
+
+def load_original(harmon_pth: PathLike, vae_ckpt: PathLike, *, config: HarmonConfig | None = None,
+                  qwen_dir: PathLike | None = None, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> Harmon:
+    """Load the released ``harmon_*.pth`` + ``kl16.ckpt`` (the VAE keys get the ``vae.`` prefix)."""
+    weights = read_torch_file(harmon_pth)
+    vae_keys = [k for k in weights if k.startswith("vae.")]
+    if vae_keys:
+        raise CheckpointError(f"{harmon_pth} already holds VAE keys ({vae_keys[0]}, ...): "
+                              "load it as a complete state dict instead")
+    vae = read_torch_file(vae_ckpt)
+    if not any(k.startswith("encoder.conv_in") for k in vae):
+        raise CheckpointError(f"{vae_ckpt} is not a KL-16 VAE checkpoint (no encoder.conv_in weights)")
+    weights.update({f"vae.{k}": v for k, v in vae.items()})
+    config = config or infer_config(weights)
+    if qwen_dir is not None:
+        config = config_with_qwen_folder(config, qwen_dir)
+    return load_state_dict(config, weights, device=device, dtype=dtype)
+
+
+# -- folders --------------------------------------------------------------------------------------
+def read_config(folder: PathLike) -> HarmonConfig:
+    """The :class:`HarmonConfig` of a model folder or of a reference fixture folder."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {CONFIG_NAME}")
+    data = json.loads(path.read_text())
+    if "mar_kwargs" in data:
+        return config_from_reference(data)
+    try:
+        return HarmonConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: {err}") from err
+
+
+def config_from_reference(data: dict[str, Any]) -> HarmonConfig:
+    """Config of a reference fixture ``config.json`` (``llm_config``, ``mar_kwargs``, ``vae``, ``vae_scale``)."""
+    llm = {k: v for k, v in data["llm_config"].items() if k != "torch_dtype"}
+    vae = {k: v for k, v in data["vae"].items() if k != "note"}
+    return HarmonConfig(llm=llm, mar=data["mar_kwargs"], vae=VAEConfig.from_dict(vae),
+                        vae_scale=data["vae_scale"], name=data.get("name", "reference"))
+
+
+def _folder_weights(folder: Path) -> Path:
+    for name in (WEIGHTS_NAME, "weights.safetensors", "pytorch_model.bin", "model.pth"):
+        if (folder / name).is_file():
+            return folder / name
+    shards = sorted(folder.glob("*.safetensors"))
+    if len(shards) == 1:
+        return shards[0]
+    raise CheckpointError(f"{folder} has no weights: expected {WEIGHTS_NAME} (found {[p.name for p in folder.iterdir()]})")
+
+
+def load_model(folder: PathLike, *, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> Harmon:
+    """Load a model folder (ours, Hugging Face style, or a reference fixture)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder not found: {folder}")
+    config = read_config(folder)
+    path = _folder_weights(folder)
+    weights = read_safetensors(path) if path.suffix == ".safetensors" else read_torch_file(path)
+    return load_state_dict(config, weights, device=device, dtype=dtype)
+
+
+def save_model(model: Harmon, folder: PathLike) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (the tied ``lm_head`` is stored once, as the embedding)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.llm.get("tie_word_embeddings", False):
+        state.pop(TIED_KEY, None)
+    tmp = folder / (WEIGHTS_NAME + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "model_type": "harmon"})
+    os.replace(tmp, folder / WEIGHTS_NAME)
+    (folder / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=1) + "\n")
+    return folder
+
+
+def save_original(model: Harmon, harmon_pth: PathLike, vae_ckpt: PathLike) -> None:
+    """Write the released layout: ``harmon_*.pth`` without VAE keys and ``kl16.ckpt`` as ``{"model": vae}``."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({k: v for k, v in state.items() if not k.startswith("vae.")}, harmon_pth)
+    torch.save({"model": {k[len("vae."):]: v for k, v in state.items() if k.startswith("vae.")}}, vae_ckpt)

@@ -1,0 +1,115 @@
+"""The MAR generation loop of Harmon: text prompts -> latent tokens.
+
+Follows the original ``Harmon.sample`` step by step (see SPEC.md). Two exact
+shortcuts: the MAR encoder runs once for a conditional/unconditional pair
+(their inputs are identical), and the diffusion head samples only the
+conditional rows (the original samples the unconditional twins too and then
+overwrites them with the conditional ones).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal, Protocol
+
+import numpy as np
+import torch
+
+from .models.harmon import Harmon, crop_cache
+
+
+class TokenRNG(Protocol):
+    """What the loop needs from a source of randomness (see :mod:`harmon.rng`)."""
+
+    def orders(self, num_images: int, seq_len: int, guided: bool) -> torch.Tensor: ...
+    def start_noise(self, num_images: int, rows: int, channels: int, guided: bool) -> torch.Tensor: ...
+    def step_noise(self, num_images: int, rows: int, channels: int, guided: bool) -> torch.Tensor: ...
+
+
+@dataclass
+class StepInfo:
+    """What one MAR iteration did, passed to the ``callback`` of :func:`generate_latents`."""
+
+    step: int
+    num_iter: int
+    mask_to_pred: torch.Tensor  # (B, L) bool: tokens sampled at this step
+    mask_len: int               # tokens still masked after this step (before the last-step override)
+    cfg: float                  # guidance scale used at this step
+    z: torch.Tensor             # (N, D_dec) conditions of the sampled tokens; [cond; uncond] with guidance
+    sampled: torch.Tensor       # (N_cond, C) sampled token latents
+    tokens: torch.Tensor        # (B, L, C) all tokens after this step
+
+
+def next_mask_len(seq_len: int, step: int, num_iter: int, num_masked: int) -> int:
+    """Tokens left masked after ``step``: floor(L cos(pi/2 (step+1)/K)), clamped to [1, masked - 1]."""
+    target = np.floor(seq_len * np.cos(math.pi / 2.0 * (step + 1) / num_iter))  # numpy float64, as the original
+    return int(max(1, min(num_masked - 1, int(target))))
+
+
+def cfg_at_step(cfg: float, schedule: Literal["constant", "linear"], seq_len: int, mask_len: int) -> float:
+    """Guidance of one step: constant, or linear in the fraction of tokens known after it (computed in float32)."""
+    if schedule == "constant":
+        return float(cfg)
+    if schedule == "linear":
+        ml = torch.tensor(float(mask_len), dtype=torch.float32)
+        return float(1 + (cfg - 1) * (seq_len - ml) / seq_len)
+    raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {schedule!r}")
+
+
+@torch.no_grad()
+def generate_latents(model: Harmon, input_ids: torch.Tensor, attention_mask: torch.Tensor, rng: TokenRNG, *,
+                     image_shape: tuple[int, int], num_iter: int = 64, cfg: float = 3.0,
+                     cfg_schedule: Literal["constant", "linear"] = "constant", temperature: float = 1.0,
+                     num_steps: str | int | None = None,
+                     callback: Callable[[StepInfo], None] | None = None) -> torch.Tensor:
+    """Generate latent tokens (B, h, w, C) for B prompts.
+
+    input_ids / attention_mask: right-padded chat prompts; with ``cfg != 1`` they
+    hold B conditional rows followed by B unconditional rows (2B in all).
+    ``num_steps`` overrides the diffusion head's configured sampling steps.
+    """
+    guided = cfg != 1.0
+    rows = input_ids.shape[0]
+    if guided and rows % 2:
+        raise ValueError(f"with guidance the batch is [cond; uncond] and must be even, got {rows} rows")
+    if num_iter < 1:
+        raise ValueError(f"num_iter must be >= 1, got {num_iter}")
+    b = rows // 2 if guided else rows
+    h, w = image_shape
+    seq_len, c = h * w, model.token_dim
+    device, dtype = model.device, model.dtype
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+
+    orders = rng.orders(b, seq_len, guided).to(device)             # (B, L)
+    tokens = torch.zeros(b, seq_len, c, device=device, dtype=dtype)  # (B, L, C)
+    mask = torch.ones(b, seq_len, device=device)                     # float32, 1 = still to generate
+    prefix_len = input_ids.shape[1]
+    cache = model.prefill(input_ids)
+    pair = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
+
+    for step in range(num_iter):
+        x_enc, z_enc = model.extract_visual_feature(tokens.view(b, h, w, c), mask)
+        x_enc = model.llm_residual(pair(x_enc), pair(z_enc), attention_mask, cache=cache)
+        crop_cache(cache, prefix_len)
+        z = model.mar.forward_mae_decoder(x_enc, pair(mask), image_shape=(h, w))  # (rows, L, D_dec)
+
+        mask_len = next_mask_len(seq_len, step, num_iter, int(mask[0].sum()))
+        mask_next = torch.zeros_like(mask).scatter_(1, orders[:, :mask_len], 1.0)
+        if step == num_iter - 1:
+            to_pred = mask.bool()
+        else:
+            to_pred = mask.bool() & ~mask_next.bool()
+        z_pred = z[:b][to_pred]
+        if guided:
+            z_pred = torch.cat([z_pred, z[b:][to_pred]])
+        per_image = int(to_pred[0].sum())
+        cfg_iter = cfg_at_step(cfg, cfg_schedule, seq_len, mask_len)
+        x_T = rng.start_noise(b, per_image, c, guided).to(device=device, dtype=dtype)
+        sampled = model.mar.diffloss.sample(
+            z_pred, x_T, lambda: rng.step_noise(b, per_image, c, guided).to(device=device, dtype=dtype),
+            temperature=temperature, cfg=cfg_iter, num_steps=num_steps)
+        tokens[to_pred] = sampled.to(dtype)
+        mask = mask_next
+        if callback is not None:
+            callback(StepInfo(step, num_iter, to_pred, mask_len, cfg_iter, z_pred, sampled, tokens))
+    return tokens.view(b, h, w, c)

@@ -1,0 +1,1 @@
+"""Training: the original's objectives (and, later, data and the loop)."""
