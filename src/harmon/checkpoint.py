@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,6 +31,7 @@ from .models.harmon import Harmon, qwen2_config
 PathLike = str | os.PathLike
 TIED_KEY, EMBED_KEY = "llm.lm_head.weight", "llm.model.embed_tokens.weight"
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
+RELEASED_PRESETS = ("harmon-0.5b", "harmon-1.5b")
 
 
 class CheckpointError(ValueError):
@@ -47,11 +48,13 @@ def read_torch_file(path: PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as err:
+        # mmap only works for the zip format of torch.save; legacy (non-zip) files are read without it
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as err:  # UnpicklingError, RuntimeError, EOFError, KeyError (garbage), ...
+        detail = type(err).__name__ + "".join(f": {line}" for line in str(err).strip().splitlines()[:1])
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain tensor checkpoint that can be read with "
-            f"weights_only=True (no pickled code is ever executed). Details: {str(err).splitlines()[0]}") from err
+            f"weights_only=True (no pickled code is ever executed). Details: {detail}") from err
     for wrapper in ("model", "state_dict", "module"):
         if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
             obj = obj[wrapper]
@@ -141,12 +144,13 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> HarmonConfig:
     """The released preset whose LLM width matches ``state_dict`` (Harmon-0.5B or -1.5B)."""
     if EMBED_KEY not in state_dict:
         raise CheckpointError(f"cannot recognise the model: {EMBED_KEY} is not in the checkpoint")
-    hidden = state_dict[EMBED_KEY].shape[1]
-    for make in PRESETS.values():
-        config = make()
-        if config.llm_hidden_size == hidden and config.llm["vocab_size"] == state_dict[EMBED_KEY].shape[0]:
+    vocab, hidden = tuple(state_dict[EMBED_KEY].shape)
+    for name in RELEASED_PRESETS:  # never the test-only presets (their configs differ from any fixture's)
+        config = PRESETS[name]()
+        if config.llm_hidden_size == hidden and config.llm["vocab_size"] == vocab:
             return config
-    raise CheckpointError(f"no preset has an LLM of hidden size {hidden}; pass a config explicitly")
+    raise CheckpointError(f"no released preset ({', '.join(RELEASED_PRESETS)}) has an LLM of hidden size {hidden} "
+                          f"and vocabulary {vocab}; pass a config explicitly")
 
 
 def config_with_qwen_folder(config: HarmonConfig, qwen_dir: PathLike) -> HarmonConfig:

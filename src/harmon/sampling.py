@@ -104,9 +104,10 @@ def generate_latents(model: Harmon, input_ids: torch.Tensor, attention_mask: tor
             z_pred = torch.cat([z_pred, z[b:][to_pred]])
         per_image = int(to_pred[0].sum())
         cfg_iter = cfg_at_step(cfg, cfg_schedule, seq_len, mask_len)
-        x_T = rng.start_noise(b, per_image, c, guided).to(device=device, dtype=dtype)
+        # the diffusion state stays float32 whatever the model's dtype
+        x_T = rng.start_noise(b, per_image, c, guided).to(device=device, dtype=torch.float32)
         sampled = model.mar.diffloss.sample(
-            z_pred, x_T, lambda: rng.step_noise(b, per_image, c, guided).to(device=device, dtype=dtype),
+            z_pred, x_T, lambda: rng.step_noise(b, per_image, c, guided).to(device=device, dtype=torch.float32),
             temperature=temperature, cfg=cfg_iter, num_steps=num_steps)
         tokens[to_pred] = sampled.to(dtype)
         mask = mask_next

@@ -84,8 +84,10 @@ class SimpleMLPAdaLN(nn.Module):
         self.final_layer = FinalLayer(model_channels, out_channels)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        x = self.input_proj(x)
-        y = self.time_embed(t) + self.cond_embed(c)
+        # the diffusion state may be kept in float32 while the weights are bfloat16
+        dtype = self.input_proj.weight.dtype
+        x = self.input_proj(x.to(dtype))
+        y = self.time_embed(t) + self.cond_embed(c.to(dtype))
         for block in self.res_blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, y, use_reentrant=False)
