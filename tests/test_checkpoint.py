@@ -296,7 +296,22 @@ def test_tied_head_may_be_absent(tiny_config, tiny_weights):
 
 
 @needs_tiny
-@pytest.mark.parametrize("key", ["proj_out.2.bias", EMBED, "mar.diffloss.net.final_layer.linear.weight"])
+def test_only_the_tied_head_is_enough(tiny_config, tiny_weights):
+    model = ckpt.load_state_dict(tiny_config, {k: v for k, v in tiny_weights.items() if k != EMBED})
+    _assert_tied(model)
+    assert torch.equal(model.llm.model.embed_tokens.weight, tiny_weights[TIED])
+
+
+@needs_tiny
+def test_tied_copies_that_differ_are_refused(tiny_config, tiny_weights):
+    sd = dict(tiny_weights, **{TIED: tiny_weights[TIED] + 1.0})
+    with pytest.raises(CheckpointError, match="differ"):
+        ckpt.load_state_dict(tiny_config, sd)
+
+
+@needs_tiny
+@pytest.mark.parametrize("key", ["proj_out.2.bias", "llm.model.norm.weight",
+                                 "mar.diffloss.net.final_layer.linear.weight"])
 def test_missing_key_named(tiny_config, tiny_weights, key):
     assert key in tiny_weights
     sd = {k: v for k, v in tiny_weights.items() if k != key}

@@ -68,8 +68,11 @@ def read_safetensors(path: PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # SafetensorError for truncated or corrupt files
+        raise CheckpointError(f"cannot read {path} as safetensors: {err}") from err
 
 
 # -- building and strict loading ----------------------------------------------------------------
@@ -95,8 +98,15 @@ def load_state_dict(config: HarmonConfig, state_dict: Mapping[str, torch.Tensor]
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     given = dict(state_dict)
     tied = bool(config.llm.get("tie_word_embeddings", False))
-    if tied and TIED_KEY not in given and EMBED_KEY in given:
-        given[TIED_KEY] = given[EMBED_KEY]
+    if tied:
+        # one tensor serves both keys; a checkpoint may hold either key or both (then equal)
+        if TIED_KEY in given and EMBED_KEY in given and not torch.equal(given[TIED_KEY], given[EMBED_KEY]):
+            raise CheckpointError(f"{EMBED_KEY} and {TIED_KEY} differ, but the config ties them "
+                                  "(tie_word_embeddings=True)")
+        embed, head = given.pop(EMBED_KEY, None), given.pop(TIED_KEY, None)
+        shared = embed if embed is not None else head
+        if shared is not None:
+            given[EMBED_KEY] = given[TIED_KEY] = shared
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
     wrong = sorted(k for k in set(expected) & set(given) if tuple(given[k].shape) != expected[k])
@@ -104,7 +114,10 @@ def load_state_dict(config: HarmonConfig, state_dict: Mapping[str, torch.Tensor]
         raise CheckpointError(_mismatch_message(missing, unexpected,
                                                 [(k, tuple(given[k].shape), expected[k]) for k in wrong], config))
     device = torch.device(device)
-    converted = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in given.items()}
+    converted = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+                 for k, v in given.items() if not (tied and k == TIED_KEY)}
+    if tied:
+        converted[TIED_KEY] = converted[EMBED_KEY]  # converted once, not twice
     model.load_state_dict(converted, strict=True, assign=True)
     if tied:
         model.llm.lm_head.weight = model.llm.model.embed_tokens.weight
@@ -158,7 +171,7 @@ def config_with_qwen_folder(config: HarmonConfig, qwen_dir: PathLike) -> HarmonC
     path = Path(qwen_dir) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{qwen_dir} is not a Qwen2.5 folder: {CONFIG_NAME} is missing")
-    llm = json.loads(path.read_text())
+    llm = _read_json(path)
     keep = set(qwen2_config({}).to_dict()) - {"architectures", "transformers_version", "dtype", "torch_dtype"}
     llm = {k: v for k, v in llm.items() if k in keep and k not in ("model_type",)}
     return HarmonConfig(llm=llm, mar=config.mar, vae=config.vae, vae_scale=config.vae_scale, name=config.name)
@@ -189,13 +202,23 @@ def read_config(folder: PathLike) -> HarmonConfig:
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {CONFIG_NAME}")
-    data = json.loads(path.read_text())
-    if "mar_kwargs" in data:
-        return config_from_reference(data)
+    data = _read_json(path)
     try:
+        if "mar_kwargs" in data:
+            return config_from_reference(data)
         return HarmonConfig.from_dict(data)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{path}: {err}") from err
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return data
 
 
 def config_from_reference(data: dict[str, Any]) -> HarmonConfig:

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from .checkpoint import load_model, read_config
 from .models.harmon import Harmon, context_mask_and_positions, crop_cache
 from .models.diffusion_head import timestep_embedding
+from .pipelines.image_to_text import decode_tokens
 from .rng import ReferenceRNG
 from .sampling import StepInfo, generate_latents
 from .train.losses import image_to_text_loss, text_to_image_loss
@@ -346,8 +347,12 @@ def _case_image2text(model: Harmon, fx: Fixture) -> Computed:
                              do_sample=False, max_new_tokens=fx.meta["num_generated"],
                              eos_token_id=special["im_end_eos"], pad_token_id=special["pad_endoftext"],
                              return_dict_in_generate=True, output_scores=True)
+    ours = list(decode_tokens(model, embeds, {special["im_end_eos"]}, max_new_tokens=fx.meta["num_generated"]))
+    if fx.meta.get("eos_hit"):
+        ours.append(special["im_end_eos"])  # transformers keeps the stop token, our loop does not yield it
     return {"z_enc": (z_enc, MODULE), "inputs_embeds": (embeds, MODULE), "logits": (logits, MODULE),
-            "generated_ids": (gen.sequences, EXACT),
+            "generated_ids (transformers generate)": (gen.sequences, EXACT, "generated_ids"),
+            "generated_ids (harmon decode loop)": (torch.tensor([ours]), EXACT, "generated_ids"),
             "generated_step_logits": (torch.stack(gen.scores, dim=1), MODULE)}
 
 

@@ -254,3 +254,26 @@ def save_qwen2_tokenizer(directory: str | os.PathLike) -> None:
     ``transformers.AutoTokenizer.from_pretrained(directory)`` then loads it offline.
     """
     build_qwen2_tokenizer().save_pretrained(os.fspath(directory))
+
+
+BYTE_TOKENIZER_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>")
+
+
+def build_byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A 260-token byte-level tokenizer for small models: the 256 bytes (ids 0..255), then
+    ``<|endoftext|>`` (pad), ``<|im_start|>``, ``<|im_end|>`` (eos) and ``<image>`` (ids 256..259).
+
+    Same chat-template tokens and byte-level round trip as Qwen's, with no merges, so
+    any model with a vocabulary of at least 260 entries can use it.
+    """
+    byte_chars = bytes_to_unicode()
+    vocab = {byte_chars[b]: b for b in range(256)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None, continuing_subword_prefix="",
+                                   end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_tokens([AddedToken(t, special=True, normalized=False) for t in BYTE_TOKENIZER_SPECIAL_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token=None, extra_special_tokens=["<|im_start|>", "<image>"], clean_up_tokenization_spaces=False)

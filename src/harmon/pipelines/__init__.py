@@ -1,0 +1,5 @@
+"""User-facing pipelines: text -> image and image -> text."""
+from .image_to_text import ChatSession, ImageToTextPipeline
+from .text_to_image import TextToImageOutput, TextToImagePipeline
+
+__all__ = ["TextToImagePipeline", "TextToImageOutput", "ImageToTextPipeline", "ChatSession"]

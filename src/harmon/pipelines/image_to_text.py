@@ -1,0 +1,162 @@
+"""Image-to-text: questions about images, greedy or sampled, streamed, and multi-turn chat.
+
+Decoding is our own short loop over the LLM's KV cache (instead of
+``transformers.generate``) so that sampling draws only from the caller's
+``torch.Generator``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import torch
+from PIL import Image
+from transformers import DynamicCache
+
+from ..models.harmon import Harmon
+from ..processing import IMAGE_TOKEN, chat_prompt, load_image, understanding_input
+
+CHAT_TURN_END = "<|im_end|>\n"
+
+
+@torch.no_grad()
+def decode_tokens(model: Harmon, inputs_embeds: torch.Tensor, stop_ids: set[int], *, max_new_tokens: int = 1024,
+                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                  generator: torch.Generator | None = None) -> Iterator[int]:
+    """Yield new token ids after a prompt (1, T, H) until a stop id or ``max_new_tokens`` (greedy by default).
+
+    Sampling (``do_sample``) uses ``temperature`` and nucleus ``top_p`` and draws only from ``generator``.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    llm = model.llm
+    limit = int(llm.config.max_position_embeddings)
+    cache = DynamicCache(config=llm.config)
+    out = llm(inputs_embeds=inputs_embeds, cache=cache, use_cache=True, logits_to_keep=1)
+    for _ in range(min(max_new_tokens, limit - inputs_embeds.shape[1])):
+        logits = out.logits[0, -1].float()  # (V,)
+        token = _choose(logits, do_sample, temperature, top_p, generator)
+        if token in stop_ids:
+            return
+        yield token
+        out = llm(input_ids=torch.tensor([[token]], device=inputs_embeds.device), cache=cache, use_cache=True)
+
+
+def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+            generator: torch.Generator | None) -> int:
+    if not do_sample:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # the smallest prefix reaching top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class ImageToTextPipeline:
+    """``pipe(image, question)`` answers like the original ``image2text.py`` (image padded to square, 512 px)."""
+
+    def __init__(self, model: Harmon, tokenizer, image_size: int = 512):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        if IMAGE_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        stops = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")
+                 if t in tokenizer.get_vocab()]
+        self.stop_ids = set(stops) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+    # -- inputs ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def image_embeds(self, image: str | Image.Image) -> torch.Tensor:
+        """One image -> its visual embeddings (1, (size/16)^2 + buffer, H): image tokens, then the buffer."""
+        stride = self.model.config.mar.vae_stride
+        if self.image_size % stride:
+            raise ValueError(f"image_size must be a multiple of {stride}, got {self.image_size}")
+        pixels = understanding_input(load_image(image), self.image_size)
+        latents = self.model.encode(pixels.to(device=self.model.device, dtype=self.model.dtype))
+        return self.model.extract_visual_feature(latents)[1]
+
+    def prompt_embeds(self, conversation: str, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Templated text with one ``<image>`` -> input embeddings (1, T, H), the image run expanded in place."""
+        if conversation.count(IMAGE_TOKEN) != 1:
+            raise ValueError(f"the conversation must hold exactly one {IMAGE_TOKEN} placeholder")
+        expanded = conversation.replace(IMAGE_TOKEN, IMAGE_TOKEN * image_embeds.shape[1])
+        ids = torch.tensor([self.tokenizer.encode(expanded, add_special_tokens=False)], device=self.model.device)
+        limit = int(self.model.llm.config.max_position_embeddings)
+        if ids.shape[1] >= limit:
+            raise ValueError(f"the prompt takes {ids.shape[1]} tokens, the LLM has {limit} positions")
+        return self.model.multimodal_embeds(ids, image_embeds, self.image_token_id)
+
+    def generate_ids(self, inputs_embeds: torch.Tensor, **decode) -> Iterator[int]:
+        """New token ids for one prompt (1, T, H); see :func:`decode_tokens` for the options."""
+        return decode_tokens(self.model, inputs_embeds, self.stop_ids, **decode)
+
+    def stream(self, image: str | Image.Image, question: str, **decode) -> Iterator[str]:
+        """Yield the answer as text pieces while it is generated."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("the question is empty")
+        embeds = self.prompt_embeds(chat_prompt(f"{IMAGE_TOKEN}\n{question}"), self.image_embeds(image))
+        yield from self._decode_text(self.generate_ids(embeds, **decode))
+
+    def _decode_text(self, ids: Iterator[int]) -> Iterator[str]:
+        tokens: list[int] = []
+        emitted = ""
+        for token in ids:
+            tokens.append(token)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+                continue
+            yield text[len(emitted):]
+            emitted = text
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if len(text) > len(emitted):
+            yield text[len(emitted):]
+
+    def __call__(self, image: str | Image.Image | Sequence[str | Image.Image], question: str,
+                 **decode) -> str | list[str]:
+        """Answer ``question`` about one image (a string) or each of a list of images (a list of strings)."""
+        if isinstance(image, (list, tuple)):
+            return [self(im, question, **decode) for im in image]
+        return "".join(self.stream(image, question, **decode))
+
+
+class ChatSession:
+    """A conversation about one image that keeps its history: ``session.ask("What is this?")``."""
+
+    def __init__(self, pipeline: ImageToTextPipeline, image: str | Image.Image):
+        self.pipeline = pipeline
+        self.image_embeds = pipeline.image_embeds(image)
+        self.history: list[tuple[str, str]] = []
+
+    def conversation(self, question: str) -> str:
+        """The whole templated conversation, ending where the next answer starts."""
+        text = ""
+        for i, (q, a) in enumerate(self.history):
+            text += chat_prompt(f"{IMAGE_TOKEN}\n{q}" if i == 0 else q) + a + CHAT_TURN_END
+        return text + chat_prompt(f"{IMAGE_TOKEN}\n{question}" if not self.history else question)
+
+    def stream(self, question: str, **decode) -> Iterator[str]:
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("the question is empty")
+        embeds = self.pipeline.prompt_embeds(self.conversation(question), self.image_embeds)
+        answer = ""
+        for piece in self.pipeline._decode_text(self.pipeline.generate_ids(embeds, **decode)):
+            answer += piece
+            yield piece
+        self.history.append((question, answer))
+
+    def ask(self, question: str, on_text: Callable[[str], None] | None = None, **decode) -> str:
+        pieces = []
+        for piece in self.stream(question, **decode):
+            pieces.append(piece)
+            if on_text is not None:
+                on_text(piece)
+        return "".join(pieces)

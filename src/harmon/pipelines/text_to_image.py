@@ -1,0 +1,129 @@
+"""Text-to-image: prompts -> images, with per-image seeds, guidance, progress and the original's defaults."""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..models.harmon import Harmon
+from ..processing import (GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt, check_image_size, tensor_to_pil,
+                          tokenize_prompts)
+from ..rng import ReferenceRNG, SeededRNG
+from ..sampling import StepInfo, generate_latents
+
+
+@dataclass
+class TextToImageOutput:
+    """Images (PIL, or a (N, 3, H, W) tensor in [-1, 1]), the seed of each, and the settings used."""
+
+    images: list[Image.Image] | torch.Tensor
+    seeds: list[int | None]
+    prompts: list[str]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+class TextToImagePipeline:
+    """``pipe(prompt)`` generates images as the original ``text2image.py`` does, with explicit randomness.
+
+    Defaults equal the original's: guidance 3.0 (constant schedule), temperature
+    1.0, 64 MAR iterations, the model's configured diffusion steps (100 for the
+    released models), 512 px, ``"Generate an image: "`` prefix and
+    ``"Generate an image."`` as the unconditional prompt.
+    """
+
+    def __init__(self, model: Harmon, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+
+    def _seeded_rng(self, count: int, generator, seeds: Sequence[int] | None) -> tuple[SeededRNG, list[int | None]]:
+        if seeds is not None:
+            seeds = [int(s) for s in seeds]
+            if len(seeds) != count:
+                raise ValueError(f"{len(seeds)} seeds for {count} images")
+            return SeededRNG.from_seeds(seeds), list(seeds)
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != count:
+                raise ValueError(f"{len(generator)} generators for {count} images: pass one per image")
+            return SeededRNG(list(generator)), [None] * count
+        if isinstance(generator, torch.Generator):
+            drawn = torch.randint(0, 2**62, (count,), generator=generator, device=generator.device).tolist()
+        else:
+            drawn = [secrets.randbits(62) for _ in range(count)]
+        return SeededRNG.from_seeds(drawn), drawn
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | Sequence[str], *, num_images_per_prompt: int = 1, guidance_scale: float = 3.0,
+                 cfg_schedule: Literal["constant", "linear"] = "constant", temperature: float = 1.0,
+                 num_iter: int = 64, num_steps: int | str | None = None, height: int = 512, width: int | None = None,
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                 seeds: Sequence[int] | None = None, rng: ReferenceRNG | None = None, progress: bool = True,
+                 output_type: Literal["pil", "pt"] = "pil") -> TextToImageOutput:
+        """Generate ``num_images_per_prompt`` images for each prompt.
+
+        Randomness, first match wins: ``rng`` (e.g. :class:`ReferenceRNG` to replay
+        the original's stream), ``seeds`` (one int per image), ``generator`` (one per
+        image, or one from which per-image seeds are drawn), else fresh random seeds.
+        Either way each image depends only on its own seed, not on the batch.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        width = height if width is None else width
+        self._validate(prompts, num_images_per_prompt, guidance_scale, temperature, num_iter, num_steps)
+        grid = check_image_size(height, width, self.model.config.mar.vae_stride)
+        per_image = [p for p in prompts for _ in range(num_images_per_prompt)]
+        if rng is None:
+            rng, used_seeds = self._seeded_rng(len(per_image), generator, seeds)
+        else:
+            used_seeds = [None] * len(per_image)
+
+        texts = [chat_prompt(GENERATION_PREFIX + p.strip()) for p in per_image]
+        if guidance_scale != 1.0:
+            texts += [chat_prompt(UNCONDITIONAL_PROMPT)] * len(per_image)
+        input_ids, attention_mask = tokenize_prompts(self.tokenizer, texts, self.pad_id)
+        self._check_length(input_ids.shape[1], grid)
+
+        bar = tqdm(total=num_iter, desc="MAR iterations", disable=not progress, leave=False)
+
+        def on_step(info: StepInfo) -> None:
+            bar.update(1)
+
+        try:
+            tokens = generate_latents(self.model, input_ids, attention_mask, rng, image_shape=grid,
+                                      num_iter=num_iter, cfg=guidance_scale, cfg_schedule=cfg_schedule,
+                                      temperature=temperature, num_steps=num_steps, callback=on_step)
+        finally:
+            bar.close()
+        images = self.model.decode(tokens)
+        settings = {"guidance_scale": guidance_scale, "cfg_schedule": cfg_schedule, "temperature": temperature,
+                    "num_iter": num_iter, "num_steps": str(num_steps or self.model.config.mar.num_sampling_steps),
+                    "height": height, "width": width, "model": self.model.config.name}
+        return TextToImageOutput(tensor_to_pil(images) if output_type == "pil" else images, used_seeds, per_image,
+                                 settings)
+
+    def _validate(self, prompts, num_images_per_prompt, guidance_scale, temperature, num_iter, num_steps) -> None:
+        if not prompts:
+            raise ValueError("no prompt given")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"prompt {i} is empty")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        if not guidance_scale >= 1.0:
+            raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not isinstance(num_iter, int) or num_iter < 1:
+            raise ValueError(f"num_iter must be a positive integer, got {num_iter!r}")
+        if num_steps is not None and not (str(num_steps).isdigit() and 1 <= int(num_steps) <= 1000):
+            raise ValueError(f"num_steps must be an integer in 1..1000, got {num_steps!r}")
+
+    def _check_length(self, prompt_tokens: int, grid: tuple[int, int]) -> None:
+        limit = int(self.model.llm.config.max_position_embeddings)
+        needed = prompt_tokens + grid[0] * grid[1] + self.model.buffer_size
+        if needed > limit:
+            raise ValueError(f"prompt of {prompt_tokens} tokens plus {needed - prompt_tokens} image tokens exceeds "
+                             f"the LLM's {limit} positions: shorten the prompt or the image")

@@ -1,0 +1,136 @@
+"""Text-to-image and image-to-text pipelines on the tiny reference model with the byte-level tokenizer."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from harmon.pipelines import ChatSession, ImageToTextPipeline, TextToImagePipeline
+from harmon.processing import chat_prompt, load_image, pad_to_square, understanding_input
+from harmon.tokenizer import build_byte_tokenizer
+
+FAST = dict(num_iter=3, num_steps=3, height=64, progress=False)
+
+
+@pytest.fixture(scope="module")
+def t2i(reference_model):
+    return TextToImagePipeline(reference_model, build_byte_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def i2t(reference_model):
+    return ImageToTextPipeline(reference_model, build_byte_tokenizer(), image_size=64)
+
+
+@pytest.fixture()
+def photo(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "photo.png"
+    Image.fromarray(rng.integers(0, 255, (40, 72, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_text_to_image_shapes_and_types(t2i):
+    out = t2i(["a red circle", "a blue square"], num_images_per_prompt=2, seeds=[1, 2, 3, 4], **FAST)
+    assert len(out.images) == 4 and all(im.size == (64, 64) and im.mode == "RGB" for im in out.images)
+    assert out.seeds == [1, 2, 3, 4] and out.prompts == ["a red circle"] * 2 + ["a blue square"] * 2
+    wide = t2i("a red circle", seeds=[5], output_type="pt", width=96, **FAST)
+    assert wide.images.shape == (1, 3, 64, 96)
+    assert wide.settings["guidance_scale"] == 3.0 and wide.settings["num_steps"] == "3"
+
+
+def test_same_seed_same_image_alone_or_in_batch(t2i):
+    batch = t2i(["a red circle", "two green triangles in a row"], seeds=[7, 8], output_type="pt", **FAST).images
+    alone = t2i("two green triangles in a row", seeds=[8], output_type="pt", **FAST).images
+    torch.testing.assert_close(batch[1:], alone, atol=2e-3, rtol=0)
+    again = t2i("two green triangles in a row", generator=[torch.Generator().manual_seed(8)], output_type="pt",
+                **FAST).images
+    assert torch.equal(again, alone)
+
+
+def test_one_generator_draws_reproducible_seeds(t2i):
+    first = t2i("a circle", num_images_per_prompt=2, generator=torch.Generator().manual_seed(3), **FAST)
+    second = t2i("a circle", num_images_per_prompt=2, generator=torch.Generator().manual_seed(3), **FAST)
+    assert first.seeds == second.seeds and first.seeds[0] != first.seeds[1]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first.images, second.images))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt=""), "empty"),
+    (dict(prompt="   "), "empty"),
+    (dict(prompt=[]), "no prompt"),
+    (dict(prompt="x", height=50), "multiple of 16"),
+    (dict(prompt="x", height=0), "multiple of 16"),
+    (dict(prompt="x", guidance_scale=0.5), "guidance_scale"),
+    (dict(prompt="x", temperature=0.0), "temperature"),
+    (dict(prompt="x", num_iter=0), "num_iter"),
+    (dict(prompt="x", num_steps="abc"), "num_steps"),
+    (dict(prompt="x", num_images_per_prompt=0), "num_images_per_prompt"),
+    (dict(prompt="x", seeds=[1, 2]), "2 seeds for 1 images"),
+    (dict(prompt="x", generator=[torch.Generator(), torch.Generator()]), "one per image"),
+    (dict(prompt="x" * 3000), "exceeds"),
+])
+def test_text_to_image_rejects_bad_input(t2i, kwargs, message):
+    settings = dict(FAST)
+    settings.update({k: v for k, v in kwargs.items() if k != "prompt"})
+    with pytest.raises(ValueError, match=message):
+        t2i(kwargs["prompt"], **settings)
+
+
+def test_image_to_text_greedy_stream_and_batch(i2t, photo):
+    answer = i2t(photo, "What is in the image?", max_new_tokens=6)
+    pieces = list(i2t.stream(photo, "What is in the image?", max_new_tokens=6))
+    assert "".join(pieces) == answer and len(pieces) >= 1
+    assert i2t([photo, Image.open(photo)], "What is in the image?", max_new_tokens=6) == [answer, answer]
+
+
+def test_image_to_text_sampling_uses_only_the_generator(i2t, photo):
+    state = torch.random.get_rng_state()
+    runs = [i2t(photo, "Describe it.", max_new_tokens=8, do_sample=True, temperature=1.5,
+                generator=torch.Generator().manual_seed(4)) for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_understanding_matches_manual_path(i2t, reference_model, photo):
+    """The pipeline's prompt = the reference flow: padded image, <image> expanded, chat template."""
+    embeds = i2t.image_embeds(photo)
+    assert embeds.shape == (1, 4 * 4 + reference_model.buffer_size, 64)
+    pixels = understanding_input(load_image(photo), 64)
+    manual = reference_model.extract_visual_feature(reference_model.encode(pixels))[1]
+    torch.testing.assert_close(embeds, manual)
+    padded = pad_to_square(Image.open(photo).convert("RGB"))
+    assert padded.size == (72, 72) and padded.getpixel((0, 0)) == (127, 127, 127)
+
+
+def test_chat_keeps_the_conversation(i2t, photo):
+    session = ChatSession(i2t, photo)
+    first = session.ask("What is it?", max_new_tokens=4)
+    text = session.conversation("And its colour?")
+    assert text.startswith(chat_prompt("<image>\nWhat is it?") + first + "<|im_end|>\n")
+    assert text.endswith(chat_prompt("And its colour?")) and text.count("<image>") == 1
+    streamed = []
+    second = session.ask("And its colour?", on_text=streamed.append, max_new_tokens=4)
+    assert "".join(streamed) == second and len(session.history) == 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(question=""), "empty"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(do_sample=True, temperature=0.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+])
+def test_image_to_text_rejects_bad_input(i2t, photo, kwargs, message):
+    question = kwargs.pop("question", "What?")
+    with pytest.raises(ValueError, match=message):
+        i2t(photo, question, **kwargs)
+
+
+def test_unreadable_images_are_named(i2t, tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        i2t(tmp_path / "missing.png", "What?")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(ValueError, match="broken.jpg"):
+        i2t(broken, "What?")
