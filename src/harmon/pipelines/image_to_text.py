@@ -6,6 +6,7 @@ Decoding is our own short loop over the LLM's KV cache (instead of
 """
 from __future__ import annotations
 
+import secrets
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -32,6 +33,8 @@ def decode_tokens(model: Harmon, inputs_embeds: torch.Tensor, stop_ids: set[int]
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if do_sample and generator is None:  # never the global RNG: a fresh, unpredictable seed instead
+        generator = torch.Generator().manual_seed(secrets.randbits(62))
     llm = model.llm
     limit = int(llm.config.max_position_embeddings)
     cache = DynamicCache(config=llm.config)
@@ -46,7 +49,7 @@ def decode_tokens(model: Harmon, inputs_embeds: torch.Tensor, stop_ids: set[int]
 
 
 def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
-            generator: torch.Generator | None) -> int:
+            generator: torch.Generator) -> int:
     if not do_sample:
         return int(logits.argmax())
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -54,7 +57,7 @@ def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: fl
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # the smallest prefix reaching top_p
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-    if generator is not None and generator.device != probs.device:
+    if generator.device != probs.device:
         probs = probs.to(generator.device)
     return int(torch.multinomial(probs, 1, generator=generator))
 
