@@ -171,7 +171,7 @@ def config_with_qwen_folder(config: HarmonConfig, qwen_dir: PathLike) -> HarmonC
     path = Path(qwen_dir) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{qwen_dir} is not a Qwen2.5 folder: {CONFIG_NAME} is missing")
-    llm = _read_json(path)
+    llm = read_json(path)
     keep = set(qwen2_config({}).to_dict()) - {"architectures", "transformers_version", "dtype", "torch_dtype"}
     llm = {k: v for k, v in llm.items() if k in keep and k not in ("model_type",)}
     return HarmonConfig(llm=llm, mar=config.mar, vae=config.vae, vae_scale=config.vae_scale, name=config.name)
@@ -202,7 +202,7 @@ def read_config(folder: PathLike) -> HarmonConfig:
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {CONFIG_NAME}")
-    data = _read_json(path)
+    data = read_json(path)
     try:
         if "mar_kwargs" in data:
             return config_from_reference(data)
@@ -211,7 +211,8 @@ def read_config(folder: PathLike) -> HarmonConfig:
         raise CheckpointError(f"{path}: {err}") from err
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; unreadable or non-object content raises :class:`CheckpointError`."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -229,7 +230,8 @@ def config_from_reference(data: dict[str, Any]) -> HarmonConfig:
                         vae_scale=data["vae_scale"], name=data.get("name", "reference"))
 
 
-def _folder_weights(folder: Path) -> Path:
+def folder_weights_path(folder: Path) -> Path:
+    """The weights file of a model folder (``model.safetensors``, a fixture's ``weights.safetensors``, ...)."""
     for name in (WEIGHTS_NAME, "weights.safetensors", "pytorch_model.bin", "model.pth"):
         if (folder / name).is_file():
             return folder / name
@@ -246,7 +248,7 @@ def load_model(folder: PathLike, *, device: str | torch.device = "cpu",
     if not folder.is_dir():
         raise CheckpointError(f"model folder not found: {folder}")
     config = read_config(folder)
-    path = _folder_weights(folder)
+    path = folder_weights_path(folder)
     weights = read_safetensors(path) if path.suffix == ".safetensors" else read_torch_file(path)
     return load_state_dict(config, weights, device=device, dtype=dtype)
 

@@ -1,10 +1,414 @@
-"""The ``harmon`` command. Each subcommand is a plain function taking parsed arguments."""
+"""The ``harmon`` command. Each subcommand is a plain function taking parsed arguments.
+
+User errors (missing files, bad sizes, unusable model folders, ...) end with one
+``harmon: error: ...`` line on stderr and exit code 2, never a traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
+import secrets
 import sys
+import tempfile
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+DEFAULT_QUESTION = "Describe this image in detail."
+NO_MODEL = ("--model is required: there is no default model yet. Pass --model MODEL_DIR, a folder written by "
+            "`harmon convert --pth harmon_1.5b.pth --vae kl16.ckpt --out MODEL_DIR`")
 
 
+class UserError(Exception):
+    """A problem with what the user asked for, reported as one line and exit code 2."""
+
+
+# -- shared helpers -------------------------------------------------------------------------------
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _model_folder(args: argparse.Namespace) -> Path:
+    from .hub import resolve_model_folder
+
+    if not args.model:
+        raise UserError(NO_MODEL)
+    return resolve_model_folder(args.model)
+
+
+def _load(args: argparse.Namespace, folder: Path):
+    """(model, tokenizer) of a model folder on the chosen device and dtype."""
+    from .checkpoint import load_model
+    from .hub import load_tokenizer, pick_device, pick_dtype
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    model = load_model(folder, device=device, dtype=dtype)
+    return model, load_tokenizer(folder, int(model.config.llm["vocab_size"]))
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", metavar="DIR", help="model folder (from `harmon convert`), or a Hugging Face repo id "
+                   "already in the local cache; required for now")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where to run (default: auto = cuda, else mps, else cpu)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype (default: auto = bfloat16 on cuda, float32 elsewhere)")
+
+
+def _add_decode_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=1024, metavar="N",
+                   help="stop after this many new tokens (default: 1024)")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                   help="sampling temperature, with --sample (default: 1.0)")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling threshold in (0, 1], with --sample (default: 1.0)")
+    g.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="seed of the sampling generator, with --sample (default: random)")
+    g.add_argument("--image-size", type=int, default=512, metavar="PX",
+                   help="side the image is padded and resized to (default: 512)")
+
+
+def _decode_kwargs(args: argparse.Namespace) -> dict:
+    import torch
+
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.sample:
+        return {"max_new_tokens": args.max_new_tokens}
+    if not args.temperature > 0:
+        raise UserError(f"--temperature must be > 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    seed = args.seed if args.seed is not None else secrets.randbits(62)
+    return {"max_new_tokens": args.max_new_tokens, "do_sample": True, "temperature": args.temperature,
+            "top_p": args.top_p, "generator": torch.Generator().manual_seed(seed)}
+
+
+def _check_understanding_inputs(args: argparse.Namespace, folder: Path):
+    """Open the image and check --image-size before the (slow) model load."""
+    from .checkpoint import read_config
+    from .processing import load_image
+
+    image = load_image(args.image)
+    stride = read_config(folder).mar.vae_stride
+    if args.image_size < stride or args.image_size % stride:
+        raise UserError(f"--image-size must be a positive multiple of {stride}, got {args.image_size}")
+    return image
+
+
+def _write_png_atomic(image, path: Path, text: dict[str, str]) -> None:
+    """Save ``image`` as PNG with text chunks: a temporary file in the same folder, then ``os.replace``."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, str(value))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            image.save(fh, format="PNG", pnginfo=info)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", text.strip()).strip("_")[:limit].rstrip("_")
+    return slug or "image"
+
+
+def make_grid(images):
+    """All images on one canvas, in rows of up to ceil(sqrt(n)) columns."""
+    from PIL import Image
+
+    n = len(images)
+    cols = 1
+    while cols * cols < n:
+        cols += 1
+    rows = (n + cols - 1) // cols
+    w, h = max(im.width for im in images), max(im.height for im in images)
+    grid = Image.new("RGB", (cols * w, rows * h), (0, 0, 0))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+# -- generate ------------------------------------------------------------------------------------
+def _output_paths(args: argparse.Namespace, seeds: list[int]) -> tuple[list[Path], Path | None]:
+    n = len(seeds)
+    if args.out is not None:
+        out = Path(args.out)
+        if out.suffix.lower() != ".png":
+            raise UserError(f"--out must name a .png file, got {out}")
+        if out.is_dir():
+            raise UserError(f"--out is a folder ({out}); use --out-dir for folders")
+        folder = out.parent
+        paths = [out] if n == 1 else [folder / f"{out.stem}_{k}{out.suffix}" for k in range(n)]
+        grid = folder / f"{out.stem}_grid{out.suffix}" if args.grid else None
+    else:
+        folder = Path(args.out_dir)
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--out-dir is not a folder: {folder}")
+        stem = _slug(args.prompt)
+        paths = [folder / f"{stem}_{s}.png" for s in seeds]
+        grid = folder / f"{stem}_{seeds[0]}_grid.png" if args.grid else None
+    folder.mkdir(parents=True, exist_ok=True)
+    return paths, grid
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Text to image(s): one PNG per image, seeds S, S+1, ..., settings in the PNG text chunks."""
+    from .checkpoint import read_config
+    from .pipelines import TextToImagePipeline
+    from .processing import check_image_size
+
+    prompt = args.prompt
+    if not prompt.strip():
+        raise UserError("the prompt is empty")
+    if args.num_images < 1:
+        raise UserError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    height = args.height if args.height is not None else args.size
+    width = args.width if args.width is not None else (args.size if args.height is None else height)
+    folder = _model_folder(args)
+    config = read_config(folder)
+    check_image_size(height, width, config.mar.vae_stride)  # fail before loading the weights
+    start = args.seed if args.seed is not None else secrets.randbits(31)
+    seeds = [start + k for k in range(args.num_images)]
+    paths, grid_path = _output_paths(args, seeds)
+
+    model, tokenizer = _load(args, folder)
+    pipe = TextToImagePipeline(model, tokenizer)
+    images = []
+    for first in range(0, len(seeds), args.batch_size):
+        batch = seeds[first:first + args.batch_size]
+        out = pipe(prompt, num_images_per_prompt=len(batch), seeds=batch, guidance_scale=args.cfg,
+                   cfg_schedule=args.cfg_schedule, temperature=args.temperature, num_iter=args.num_iter,
+                   num_steps=args.num_steps, height=height, width=width, progress=not args.quiet)
+        for image, seed, path in zip(out.images, batch, paths[first:first + len(batch)]):
+            meta = {"prompt": prompt, "seed": seed, "cfg": args.cfg, "cfg_schedule": args.cfg_schedule,
+                    "temperature": args.temperature, "num_iter": args.num_iter,
+                    "num_steps": out.settings["num_steps"], "height": height, "width": width,
+                    "model": model.config.name, "model_path": str(folder), "dtype": str(model.dtype).split(".")[-1],
+                    "harmon_version": _version(), "software": f"harmon {_version()}"}
+            meta["parameters"] = json.dumps(meta, sort_keys=True)
+            _write_png_atomic(image, path, meta)
+            images.append(image)
+            print(path, flush=True)
+    if grid_path is not None:
+        _write_png_atomic(make_grid(images), grid_path,
+                          {"prompt": prompt, "seeds": ",".join(map(str, seeds)), "model": model.config.name,
+                           "harmon_version": _version(), "software": f"harmon {_version()}"})
+        print(grid_path, flush=True)
+    return 0
+
+
+# -- describe and chat ------------------------------------------------------------------------------
+def cmd_describe(args: argparse.Namespace) -> int:
+    """Answer one question about an image, streaming the answer to stdout."""
+    from .pipelines import ImageToTextPipeline
+
+    question = DEFAULT_QUESTION if args.question is None else args.question
+    if not question.strip():
+        raise UserError("the question is empty")
+    folder = _model_folder(args)
+    image = _check_understanding_inputs(args, folder)
+    decode = _decode_kwargs(args)
+    model, tokenizer = _load(args, folder)
+    pipe = ImageToTextPipeline(model, tokenizer, image_size=args.image_size)
+    for piece in pipe.stream(image, question, **decode):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Multi-turn conversation about one image: questions from stdin, answers streamed to stdout."""
+    from .pipelines import ChatSession, ImageToTextPipeline
+
+    folder = _model_folder(args)
+    image = _check_understanding_inputs(args, folder)
+    decode = _decode_kwargs(args)
+    model, tokenizer = _load(args, folder)
+    session = ChatSession(ImageToTextPipeline(model, tokenizer, image_size=args.image_size), image)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Ask about the image; an empty line, /quit or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        question = line.strip()
+        if not line or not question or question in ("/quit", "/exit"):
+            return 0
+        for piece in session.stream(question, **decode):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+# -- info -------------------------------------------------------------------------------------------
+PARTS = ("vae", "llm", "mar", "proj_in", "proj_out")
+_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I64": "int64",
+              "I32": "int32", "U8": "uint8", "BOOL": "bool"}
+
+
+def _weight_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Shapes and dtypes of the tensors in a weights file, without reading the tensors."""
+    from .checkpoint import CheckpointError, read_torch_file
+
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                slices = {k: f.get_slice(k) for k in f.keys()}
+                return ({k: tuple(s.get_shape()) for k, s in slices.items()},
+                        {k: _ST_DTYPES.get(s.get_dtype(), s.get_dtype()) for k, s in slices.items()})
+        except Exception as err:
+            raise CheckpointError(f"cannot read {path} as safetensors: {err}") from err
+    tensors = read_torch_file(path)  # memory-mapped zip checkpoints: shapes without reading the data
+    return ({k: tuple(v.shape) for k, v in tensors.items()},
+            {k: str(v.dtype).split(".")[-1] for k, v in tensors.items()})
+
+
+def folder_info(folder: Path) -> dict:
+    """What a model folder holds, from config.json and the weights' headers (no model is built)."""
+    from .checkpoint import EMBED_KEY, TIED_KEY, folder_weights_path, read_json, read_config
+    from .hub import TOKENIZER_FILES, has_tokenizer
+
+    if not folder.is_dir():
+        raise UserError(f"not a folder: {folder}")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder} is not a model folder: it has no config.json")
+    raw = read_json(folder / "config.json")
+    config = read_config(folder)
+    weights = folder_weights_path(folder)
+    if "mar_kwargs" in raw:
+        layout = "reference fixture (original kwargs config.json + weights.safetensors)"
+    elif weights.name == "model.safetensors" and raw.get("model_type") == "harmon":
+        layout = "ours (config.json + model.safetensors)"
+    else:
+        layout = f"Hugging Face style (config.json + {weights.name})"
+    shapes, dtypes = _weight_shapes(weights)
+    tied = bool(config.llm.get("tie_word_embeddings", False))
+    counts = {part: 0 for part in PARTS}
+    other = 0
+    for key, shape in shapes.items():
+        if tied and key == TIED_KEY and EMBED_KEY in shapes:
+            continue  # one tensor serves both
+        n = 1
+        for d in shape:
+            n *= d
+        part = key.split(".", 1)[0]
+        if part in counts:
+            counts[part] += n
+        else:
+            other += n
+    tokenizer = next((name for name in TOKENIZER_FILES if (folder / name).is_file()), None)
+    return {"folder": str(folder), "config": config.name, "layout": layout, "weights": weights.name,
+            "dtypes": sorted(set(dtypes.values())), "parameters": counts, "other": other,
+            "total": sum(counts.values()) + other, "tokenizer": tokenizer if has_tokenizer(folder) else None,
+            "vocab_size": int(config.llm["vocab_size"])}
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Describe a model folder without loading the model."""
+    from .hub import QWEN2_5_VOCAB_SIZE, resolve_model_folder
+
+    info = folder_info(resolve_model_folder(args.folder))
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"folder:    {info['folder']}")
+    print(f"config:    {info['config']}")
+    print(f"layout:    {info['layout']}")
+    print(f"weights:   {info['weights']} ({', '.join(info['dtypes'])})")
+    print("parameters:")
+    for part, n in info["parameters"].items():
+        print(f"  {part:<9} {n:>15,}")
+    if info["other"]:
+        print(f"  {'other':<9} {info['other']:>15,}")
+    print(f"  {'total':<9} {info['total']:>15,}")
+    if info["tokenizer"]:
+        print(f"tokenizer: present ({info['tokenizer']})")
+    else:
+        rebuilt = "Qwen2.5, rebuilt offline" if info["vocab_size"] >= QWEN2_5_VOCAB_SIZE else "byte-level"
+        print(f"tokenizer: absent (the {rebuilt} tokenizer is used)")
+    return 0
+
+
+# -- convert ----------------------------------------------------------------------------------------
+def _convert_config(spec: str | None):
+    from .checkpoint import CheckpointError, config_from_reference, read_config
+    from .config import PRESETS, HarmonConfig
+
+    if spec is None:
+        return None
+    if spec in PRESETS:
+        return PRESETS[spec]()
+    path = Path(spec)
+    if path.is_dir():
+        return read_config(path)
+    if not path.is_file():
+        raise UserError(f"--config is neither a preset ({', '.join(PRESETS)}) nor a config.json: {spec}")
+    try:
+        data = json.loads(path.read_text())
+        return config_from_reference(data) if "mar_kwargs" in data else HarmonConfig.from_dict(data)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"cannot read {path} as a Harmon config: {err}") from err
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Released harmon_*.pth + kl16.ckpt -> a self-contained model folder (config, weights, tokenizer)."""
+    from .checkpoint import load_original, save_model
+    from .hub import DTYPES, default_tokenizer
+
+    for flag, value in (("--pth", args.pth), ("--vae", args.vae)):
+        if not Path(value).is_file():
+            raise UserError(f"{flag} file not found: {value}")
+    if args.qwen is not None and not Path(args.qwen).is_dir():
+        raise UserError(f"--qwen folder not found: {args.qwen}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out exists and is not a folder: {out}")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise UserError(f"--out folder {out} is not empty (use --force to overwrite)")
+    config = _convert_config(args.config)
+    model = load_original(args.pth, args.vae, config=config, qwen_dir=args.qwen, dtype=DTYPES[args.dtype])
+    if args.qwen is not None:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.qwen, local_files_only=True)
+        except Exception as err:
+            raise UserError(f"cannot load the tokenizer of --qwen {args.qwen}: {err}") from err
+    else:
+        tokenizer = default_tokenizer(int(model.config.llm["vocab_size"]))
+    save_model(model, out)
+    tokenizer.save_pretrained(os.fspath(out))
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {out} ({model.config.name}, {n:,} parameters, {args.dtype}, with tokenizer)")
+    return 0
+
+
+# -- parity -----------------------------------------------------------------------------------------
 def cmd_parity(args: argparse.Namespace) -> int:
     """Run every case of a reference fixture folder; exit 1 if any fails."""
     from .parity import run_parity
@@ -15,9 +419,89 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 1 if failed or not results else 0
 
 
+# -- parser -----------------------------------------------------------------------------------------
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows "(default: X)" for options with a real default that their help does not already mention."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" not in text and action.default not in (None, False, argparse.SUPPRESS)
+                and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harmon", description="Harmon: one model to describe and draw images.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = _HelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="harmon", description="Harmon: one model to describe and draw images.",
+        epilog="Get a model folder with `harmon convert` from the released weights; see `harmon CMD --help`.")
+    parser.add_argument("--version", action="version", version=f"harmon {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="draw images from a text prompt (PNG files)",
+                       description="Generate images from PROMPT. Image k gets seed S+k; each PNG stores the "
+                       "prompt, seed and settings in its text chunks.", formatter_class=fmt)
+    p.add_argument("prompt", metavar="PROMPT", help="what to draw")
+    _add_model_options(p)
+    o = p.add_argument_group("output").add_mutually_exclusive_group()
+    o.add_argument("--out", metavar="FILE.png", help="output file; with several images FILE_0.png, FILE_1.png, ...")
+    o.add_argument("--out-dir", metavar="DIR", default=".", help="folder for PROMPT_SEED.png files")
+    p.add_argument("--num-images", type=int, default=1, metavar="N", help="how many images")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the first image (default: random)")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 disables it)")
+    p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant", help="guidance schedule")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--num-iter", type=int, default=64, metavar="N", help="MAR iterations")
+    p.add_argument("--num-steps", type=int, default=None, metavar="N",
+                   help="diffusion steps per token (default: the model's, 100 for the released models)")
+    p.add_argument("--size", type=int, default=512, metavar="PX", help="square image side (multiple of 16)")
+    p.add_argument("--height", type=int, default=None, metavar="H", help="image height (overrides --size)")
+    p.add_argument("--width", type=int, default=None, metavar="W", help="image width (overrides --size)")
+    p.add_argument("--grid", action="store_true", help="also write one grid image of all outputs")
+    p.add_argument("--batch-size", type=int, default=4, metavar="B", help="images generated at once")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("describe", help="answer a question about an image (streamed)",
+                       description="Answer QUESTION about IMAGE, streaming the answer to stdout.", formatter_class=fmt)
+    p.add_argument("image", metavar="IMAGE", help="image file")
+    p.add_argument("question", metavar="QUESTION", nargs="?", default=None,
+                   help=f'the question (default: "{DEFAULT_QUESTION}")')
+    _add_model_options(p)
+    _add_decode_options(p)
+    p.set_defaults(func=cmd_describe)
+
+    p = sub.add_parser("chat", help="talk about an image, one question per line from stdin",
+                       description="Multi-turn conversation about IMAGE: questions are read from stdin, answers "
+                       "streamed to stdout; an empty line, /quit or end of input ends.", formatter_class=fmt)
+    p.add_argument("image", metavar="IMAGE", help="image file")
+    _add_model_options(p)
+    _add_decode_options(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="show what a model folder holds (without loading it)",
+                       description="Config name, layout, parameters per part, stored dtype and tokenizer of a "
+                       "model folder, read from config.json and the weights' headers.")
+    p.add_argument("folder", metavar="DIR", help="model folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="released .pth + kl16.ckpt -> a self-contained model folder",
+                       description="Load the released layout (harmon_*.pth + kl16.ckpt) and write DIR with "
+                       "config.json, model.safetensors and the tokenizer.", formatter_class=fmt)
+    p.add_argument("--pth", required=True, metavar="FILE", help="harmon_0.5b.pth or harmon_1.5b.pth")
+    p.add_argument("--vae", required=True, metavar="FILE", help="kl16.ckpt")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write")
+    p.add_argument("--qwen", metavar="DIR", default=None,
+                   help="Qwen2.5-Instruct folder: LLM config and tokenizer from it (default: the preset inferred "
+                   "from the weights and the Qwen2.5 tokenizer rebuilt offline)")
+    p.add_argument("--config", metavar="NAME|FILE", default=None,
+                   help="preset name or config.json to use instead of inferring the preset (e.g. test models)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the stored weights")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
+    p.set_defaults(func=cmd_convert)
+
     p = sub.add_parser("parity", help="reproduce a reference fixture folder and report errors per case")
     p.add_argument("folder", help="fixture folder with config.json, weights.safetensors and cases/")
     p.add_argument("--case", action="append", help="run only this case (repeatable)")
@@ -26,9 +510,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
+    return text or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    import torch
+
+    from .checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except (UserError, CheckpointError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as err:
+        print(f"harmon: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except torch.OutOfMemoryError as err:
+        print(f"harmon: error: out of memory ({_one_line(err)}); try a smaller --size, --batch-size or "
+              "--dtype bfloat16", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("harmon: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

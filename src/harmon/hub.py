@@ -1,0 +1,124 @@
+"""Finding a model folder, its tokenizer, and the device and dtype to run it on.
+
+Everything here works offline: a model is a local folder (written by
+``harmon convert`` or :func:`harmon.checkpoint.save_model`), or a Hugging Face
+repo id that is already in the local Hugging Face cache.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError
+
+PathLike = str | os.PathLike
+QWEN2_5_VOCAB_SIZE = 151_665  # BPE ranks + the 22 added tokens of Qwen2.5
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+HOW_TO_GET_A_MODEL = (
+    "download the released weights (harmon_1.5b.pth or harmon_0.5b.pth, and kl16.ckpt, from the Hugging Face "
+    "repo wusize/harmon) and run `harmon convert --pth harmon_1.5b.pth --vae kl16.ckpt --out MODEL_DIR`, "
+    "then pass --model MODEL_DIR")
+
+
+def resolve_model_folder(name_or_path: PathLike) -> Path:
+    """A local model folder for ``name_or_path``: the folder itself, or a cached Hugging Face snapshot.
+
+    Raises :class:`CheckpointError` saying what to download and where to put it when neither exists.
+    """
+    text = os.fspath(name_or_path)
+    if not text.strip():
+        raise CheckpointError("the model name is empty")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"--model must be a folder (config.json + model.safetensors), not a file: {path}; "
+                              "to use released .pth/.ckpt files, run `harmon convert` first")
+    if _REPO_ID.match(text) and not text.startswith("."):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            snapshot_download = None
+        if snapshot_download is not None:
+            try:
+                return Path(snapshot_download(text, local_files_only=True))
+            except Exception:  # not in the local cache (LocalEntryNotFoundError, ...); never go online here
+                pass
+        raise CheckpointError(
+            f"model {text!r} is neither a local folder nor in the local Hugging Face cache: download it "
+            f"first (`huggingface-cli download {text} --local-dir MODEL_DIR`, then --model MODEL_DIR), or "
+            + HOW_TO_GET_A_MODEL)
+    raise CheckpointError(f"model folder not found: {path}. To get one, " + HOW_TO_GET_A_MODEL)
+
+
+def has_tokenizer(folder: PathLike) -> bool:
+    """Whether ``folder`` holds a saved tokenizer (``tokenizer.json`` or ``tokenizer_config.json``)."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def default_tokenizer(vocab_size: int):
+    """The tokenizer for a model without one of its own: Qwen2.5's (rebuilt offline) when the LLM's
+    vocabulary can hold it, else the 260-token byte-level tokenizer (tiny test models)."""
+    from .tokenizer import build_byte_tokenizer, build_qwen2_tokenizer
+
+    if vocab_size >= QWEN2_5_VOCAB_SIZE:
+        return build_qwen2_tokenizer()
+    if vocab_size < 260:
+        raise CheckpointError(f"the LLM's vocabulary of {vocab_size} tokens is too small for any built-in "
+                              "tokenizer; save one next to the model (tokenizer.save_pretrained(folder))")
+    return build_byte_tokenizer()
+
+
+def load_tokenizer(folder: PathLike, vocab_size: int):
+    """The tokenizer saved in ``folder``, else :func:`default_tokenizer` for ``vocab_size``."""
+    if has_tokenizer(folder):
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        # AutoTokenizer also reads our config.json and warns that model_type "harmon" is unknown to it
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            return AutoTokenizer.from_pretrained(os.fspath(folder), local_files_only=True)
+        except Exception as err:  # corrupt or incomplete tokenizer files
+            raise CheckpointError(f"cannot load the tokenizer in {folder}: {err}") from err
+        finally:
+            hf_logging.set_verbosity(level)
+    return default_tokenizer(vocab_size)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA if available, else MPS if available, else CPU. Named devices must be available."""
+    name = (name or "auto").lower()
+    mps = getattr(torch.backends, "mps", None)
+    mps_ok = bool(mps is not None and mps.is_available())
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if mps_ok else torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested, but CUDA is not available (try --device cpu)")
+    if name == "mps" and not mps_ok:
+        raise ValueError("device 'mps' requested, but MPS is not available (try --device cpu)")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or mps") from err
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on CUDA, float32 on CPU and MPS; else the named dtype."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: use auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
