@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from transformers import DynamicCache
 
 from harmon.checkpoint import EMBED_KEY, TIED_KEY, config_from_reference, load_model
 from harmon.models.harmon import Harmon, context_mask_and_positions, crop_cache
@@ -331,7 +332,6 @@ def _case_d(model: Harmon, d: _Data, channels: int) -> tuple[_Case, torch.Tensor
     mask = case.input("mask", d.mask(2, h * w, 6), "float, 1 = masked")
     llm = model.llm
     embeds = llm.get_input_embeddings()(ids)
-    from transformers import DynamicCache
     cache = DynamicCache(config=llm.config)
     out = llm.model(inputs_embeds=embeds, cache=cache, use_cache=True)
     case.output("prefix_last_hidden_state", out.last_hidden_state, "padding NOT masked in this pass")

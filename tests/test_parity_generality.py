@@ -16,7 +16,9 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -55,7 +57,11 @@ CONFIGS = {"other": (other_config, 20240611), "odd": (odd_config, 7)}
 def generated(request, tmp_path_factory) -> Path:
     make, seed = CONFIGS[request.param]
     folder = tmp_path_factory.mktemp(f"fixture_{request.param}")
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
     write_fixture(folder, make(), seed)
+    # explicit generators only: the global random states are left as they were
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), numpy_state))
     return folder
 
 

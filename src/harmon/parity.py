@@ -94,6 +94,11 @@ def compare(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: Tolera
     return TensorResult(name, err, rel, passed, note)
 
 
+# A reference name ending in COND_HALF compares with the first half of the fixture's
+# [cond; uncond] tensor: the rows the original computes and then throws away are not computed here.
+COND_HALF = "#cond_half"
+
+
 # -- cases ------------------------------------------------------------------------------------
 Computed = dict[str, tuple[torch.Tensor, Tolerance] | tuple[torch.Tensor, Tolerance, str]]
 
@@ -193,7 +198,10 @@ def _case_diffloss(model: Harmon, fx: Fixture) -> Computed:
     dl = model.mar.diffloss
     net = dl.net
     x, t, c = fx["x"], fx["t"], fx["c"]
-    cfg = 3.0  # the guidance scale this case's calls use
+    # settings of this case's calls (see its "calls"); a fixture may override them in meta
+    cfg = fx.meta.get("cfg", 3.0)
+    ps_temperature = fx.meta.get("ps_temperature", 0.7)
+    cfg_temperature = fx.meta.get("sample_cfg_temperature", 0.95)
     out: Computed = {
         "timestep_embedding": (timestep_embedding(t, net.time_embed.frequency_embedding_size), SINUSOID),
         "net_out": (net(x, t, c), MODULE),
@@ -220,7 +228,7 @@ def _case_diffloss(model: Harmon, fx: Fixture) -> Computed:
 
     rng = ReferenceRNG(0, fx.meta["ps_seed"])
     noise = rng.normal(*fx["ps_x_t"].shape)
-    res = gen.p_sample(plain, fx["ps_x_t"], fx["ps_t"], noise, temperature=0.7)
+    res = gen.p_sample(plain, fx["ps_x_t"], fx["ps_t"], noise, temperature=ps_temperature)
     out["ps.noise"], out["ps.sample"], out["ps.pred_xstart"] = \
         (noise, MODULE), (res["sample"], MODULE), (res["pred_xstart"], MODULE)
 
@@ -250,12 +258,13 @@ def _case_diffloss(model: Harmon, fx: Fixture) -> Computed:
     n = c.shape[0] // 2
     rng = ReferenceRNG(0, fx.meta["sample_cfg_seed"])
     half = rng.normal(n, x.shape[1])
-    both = gen.p_sample_loop(guided, torch.cat([half, half]), lambda: rng.normal(2 * n, x.shape[1]), 0.95)
+    both = gen.p_sample_loop(guided, torch.cat([half, half]), lambda: rng.normal(2 * n, x.shape[1]),
+                             cfg_temperature)
     rng = ReferenceRNG(0, fx.meta["sample_cfg_seed"])
     fast = dl.sample(c, rng.start_noise(1, n, x.shape[1], True), lambda: rng.step_noise(1, n, x.shape[1], True),
-                     temperature=0.95, cfg=cfg)
+                     temperature=cfg_temperature, cfg=cfg)
     out["sample_cfg_out"] = (both, SAMPLE)
-    out["sample_cfg_out[:N/2] (DiffLoss.sample)"] = (fast, SAMPLE, "sample_cfg_out")
+    out["sample_cfg_out[:N/2] (DiffLoss.sample)"] = (fast, SAMPLE, "sample_cfg_out" + COND_HALF)
 
     rng = ReferenceRNG(0, fx.meta["sample_nocfg_seed"])
     first_noise = rng.start_noise(1, c.shape[0], x.shape[1], False)
@@ -304,8 +313,8 @@ def _case_mask_schedule(model: Harmon, fx: Fixture) -> Computed:
     out: Computed = {}
     for run in fx.meta["runs"]:
         seq, k = run["seq_len"], run["num_iter"]
-        res = _run_sample(model, fx["input_ids"], fx["attention_mask"], run, cfg=3.0, schedule="linear",
-                          temperature=1.0)
+        res = _run_sample(model, fx["input_ids"], fx["attention_mask"], run, cfg=run.get("cfg", 3.0),
+                          schedule=run.get("cfg_schedule", "linear"), temperature=run.get("temperature", 1.0))
         sfx = f"_{seq}_{k}"
         out[f"orders{sfx}"], out[f"orders_drawn{sfx}"] = (res["orders"], EXACT), (res["orders_drawn"], EXACT)
         out[f"pred_step{sfx}"], out[f"mask_to_pred{sfx}"] = (res["pred_step"], EXACT), (res["mask_to_pred"], EXACT)
@@ -331,7 +340,7 @@ def _case_sample(model: Harmon, fx: Fixture) -> Computed:
             out[f"{name}.step{s.step}.z"] = (s.z, SAMPLE)
             key = f"{name}.step{s.step}.sampled"
             if guided:  # the unconditional twins' samples are discarded by the original, not computed here
-                out[f"{key}[cond rows]"] = (s.sampled, SAMPLE, key)
+                out[f"{key}[cond rows]"] = (s.sampled, SAMPLE, key + COND_HALF)
             else:
                 out[key] = (s.sampled, SAMPLE)
     return out
@@ -437,10 +446,11 @@ def run_case(model: Harmon, fx: Fixture) -> CaseResult:
         ref_name = ref[0] if ref else label
         if ref_name == "":  # a check against a scalar recorded in the case's meta
             expected = _meta_value(fx, label)
-        elif ref_name in fx.tensors:
-            expected = fx[ref_name]
-            if expected.shape != actual.shape and actual.shape[0] * 2 == expected.shape[0]:
-                expected = expected[: actual.shape[0]]  # conditional half of a [cond; uncond] tensor
+        elif ref_name.removesuffix(COND_HALF) in fx.tensors:
+            expected = fx[ref_name.removesuffix(COND_HALF)]
+            if ref_name.endswith(COND_HALF):  # conditional half of a [cond; uncond] tensor
+                expected = expected[: expected.shape[0] // 2]
+            ref_name = ref_name.removesuffix(COND_HALF)
         else:
             continue
         covered.add(ref_name)
