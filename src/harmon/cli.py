@@ -215,6 +215,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- batch ----------------------------------------------------------------------------------------
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Many prompts from a JSON/JSONL file -> images in a folder; resumable and shardable under torchrun."""
+    from .batch import run_batch
+
+    height = args.height if args.height is not None else args.size
+    width = args.width if args.width is not None else (args.size if args.height is None else height)
+    folder = _model_folder(args)
+    run_batch(args.prompts_file, folder, args.out_dir, seed=args.seed, num_images=args.num_images,
+              batch_size=args.batch_size, geneval=args.geneval, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
+              temperature=args.temperature, num_iter=args.num_iter, num_steps=args.num_steps, height=height,
+              width=width, device=args.device, dtype=args.dtype, progress=not args.quiet)
+    return 0
+
+
 # -- describe and chat ------------------------------------------------------------------------------
 def cmd_describe(args: argparse.Namespace) -> int:
     """Answer one question about an image, streaming the answer to stdout."""
@@ -409,6 +424,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 # -- parity -----------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    """Fine-tune from a YAML config; resumes from the output folder's latest checkpoint."""
+    from .train.config import TrainConfig
+    from .train.trainer import train
+
+    cfg = TrainConfig.from_yaml(args.config)
+    if args.max_steps is not None:
+        cfg.max_steps = args.max_steps
+    result = train(cfg)
+    if result.final_dir is not None:
+        print(f"trained {result.steps} steps; model written to {result.final_dir}")
+    return 0
+
+
 def cmd_parity(args: argparse.Namespace) -> int:
     """Run every case of a reference fixture folder; exit 1 if any fails."""
     from .parity import run_parity
@@ -463,6 +492,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("batch", help="draw images for every prompt of a JSON/JSONL file (resumable, torchrun)",
+                       description="Generate NUM_IMAGES images per prompt of PROMPTS_FILE (a JSON list of strings "
+                       "or objects with \"prompt\", or JSONL: one object or string per line) into OUT: "
+                       "OUT/<i:05d>_<k:02d>.png + .json sidecar, or with --geneval GenEval's "
+                       "OUT/<i:05d>/metadata.jsonl and samples/<k:04d>.png. Image k of prompt i uses seed "
+                       "S + i*NUM_IMAGES + k. Rerunning the same command skips finished images; other settings "
+                       "into the same OUT are refused (OUT/run.json). Under `torchrun --nproc_per_node N` each "
+                       "rank takes a disjoint share.", formatter_class=fmt)
+    p.add_argument("prompts_file", metavar="PROMPTS_FILE", help="prompts: .json list, .jsonl, or .txt (one per line)")
+    _add_model_options(p)
+    p.add_argument("--out-dir", required=True, metavar="DIR", help="output folder (resumable)")
+    p.add_argument("--geneval", action="store_true", help="GenEval's folder layout (use with --num-images 4)")
+    p.add_argument("--num-images", type=int, default=1, metavar="K", help="images per prompt")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="seed of image 0 of prompt 0; image k of prompt i gets S + i*K + k (default: 0)")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 disables it)")
+    p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant", help="guidance schedule")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--num-iter", type=int, default=64, metavar="N", help="MAR iterations")
+    p.add_argument("--num-steps", type=int, default=None, metavar="N",
+                   help="diffusion steps per token (default: the model's, 100 for the released models)")
+    p.add_argument("--size", type=int, default=512, metavar="PX", help="square image side (multiple of 16)")
+    p.add_argument("--height", type=int, default=None, metavar="H", help="image height (overrides --size)")
+    p.add_argument("--width", type=int, default=None, metavar="W", help="image width (overrides --size)")
+    p.add_argument("--batch-size", type=int, default=4, metavar="B",
+                   help="images generated at once (not a setting of the run: may change when resuming)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_batch)
+
     p = sub.add_parser("describe", help="answer a question about an image (streamed)",
                        description="Answer QUESTION about IMAGE, streaming the answer to stdout.", formatter_class=fmt)
     p.add_argument("image", metavar="IMAGE", help="image file")
@@ -501,6 +559,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the stored weights")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("train", help="fine-tune from a YAML config (torchrun for several processes)",
+                       description="Fine-tune Harmon with the original's objectives and recipe. Run under "
+                                   "`torchrun --nproc_per_node N -m harmon.cli train CONFIG` for data parallelism. "
+                                   "Running the same command again resumes from the latest checkpoint.")
+    p.add_argument("config", help="YAML (or JSON) training configuration; see README.md")
+    p.add_argument("--max-steps", type=int, default=None, help="override max_steps of the config")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("parity", help="reproduce a reference fixture folder and report errors per case")
     p.add_argument("folder", help="fixture folder with config.json, weights.safetensors and cases/")

@@ -23,12 +23,16 @@ def chat_prompt(text: str) -> str:
 
 def tokenize_prompts(tokenizer, texts: Sequence[str], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenise already-templated texts and right-pad them: ids (B, T) int64, attention mask (B, T) bool."""
-    rows = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    return pad_right([tokenizer.encode(t, add_special_tokens=False) for t in texts], pad_id)
+
+
+def pad_right(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer rows right-padded with ``value``: (B, T) int64 and the (B, T) bool mask of real entries."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
     for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
         mask[i, : len(r)] = True
     return ids, mask
 

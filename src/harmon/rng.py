@@ -96,3 +96,61 @@ class ReferenceRNG:
 
     def normal(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=self.torch)
+
+    def train_timesteps(self, num_images: int, seq_len: int, mul: int, num_timesteps: int) -> torch.Tensor:
+        """(mul*B*L,) as the original: one randint call over all tiled rows."""
+        return self.timesteps(mul * num_images * seq_len, num_timesteps)
+
+    def train_noise(self, num_images: int, seq_len: int, mul: int, channels: int) -> torch.Tensor:
+        """(mul*B*L, C) as the original: one randn call (randn_like of the tiled targets)."""
+        return self.normal(mul * num_images * seq_len, channels)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (stable across runs, processes and platforms)."""
+    words = np.array([p & 0xFFFFFFFFFFFFFFFF for p in parts], dtype=np.uint64)
+    return int(np.random.SeedSequence(words.tolist()).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+class TrainingRNG:
+    """Randomness of one training step, keyed by (seed, step, global sample index).
+
+    The mask ratio is shared by the whole global batch (as the original draws one
+    per batch) and every other draw belongs to one sample, so a batch split over
+    several processes draws exactly what one process would, and a resumed run
+    draws what the uninterrupted run would have.
+    """
+
+    def __init__(self, seed: int, step: int, sample_ids: list[int]):
+        self.seed, self.step, self.sample_ids = seed, step, list(sample_ids)
+
+    def _sample_generator(self, index: int, purpose: int) -> torch.Generator:
+        return torch.Generator().manual_seed(derive_seed(self.seed, self.step, self.sample_ids[index], purpose))
+
+    def train_orders(self, num_images: int, seq_len: int) -> torch.Tensor:
+        """(B, L) int64, a random order per sample."""
+        return torch.stack([torch.randperm(seq_len, generator=self._sample_generator(i, 0))
+                            for i in range(num_images)])
+
+    def mask_ratio(self, mask_ratio_min: float) -> float:
+        """Truncated normal (mean 1, std 0.25, cut to [mask_ratio_min, 1]), one per global step."""
+        state = np.random.RandomState(derive_seed(self.seed, self.step) % 2**32)
+        dist = stats.truncnorm((mask_ratio_min - 1.0) / 0.25, 0, loc=1.0, scale=0.25)
+        return float(dist.rvs(1, random_state=state)[0])
+
+    def _per_sample(self, num_images: int, rows_per_image: int, mul: int, purpose: int, draw) -> torch.Tensor:
+        # each sample draws its own (mul, L, ...) block; rows are laid out [all B*L tokens] x mul (tiled)
+        if num_images != len(self.sample_ids):
+            raise ValueError(f"{num_images} images but {len(self.sample_ids)} sample ids")
+        blocks = torch.stack([draw(mul * rows_per_image, self._sample_generator(i, purpose))
+                              for i in range(num_images)])  # (B, mul*L, ...)
+        return blocks.unflatten(1, (mul, rows_per_image)).transpose(0, 1).flatten(0, 2)
+
+    def train_timesteps(self, num_images: int, seq_len: int, mul: int, num_timesteps: int) -> torch.Tensor:
+        """(mul*B*L,) int64 diffusion timesteps in the tiled row layout."""
+        return self._per_sample(num_images, seq_len, mul, 1,
+                                lambda k, g: torch.randint(0, num_timesteps, (k,), generator=g))
+
+    def train_noise(self, num_images: int, seq_len: int, mul: int, channels: int) -> torch.Tensor:
+        """(mul*B*L, C) diffusion noise in the tiled row layout."""
+        return self._per_sample(num_images, seq_len, mul, 2, lambda k, g: torch.randn(k, channels, generator=g))

@@ -73,8 +73,8 @@ def text_to_image_loss(model: Harmon, pixel_values: torch.Tensor, input_ids: tor
     z_rows = z.reshape(b * seq_len, -1).repeat(mul, 1)
     mask_rows = mask.reshape(b * seq_len).repeat(mul)
     diffloss = model.mar.diffloss
-    t = rng.timesteps(target.shape[0], diffloss.train_diffusion.num_timesteps).to(model.device)
-    noise = rng.normal(*target.shape).to(device=model.device, dtype=target.dtype)
+    t = rng.train_timesteps(b, seq_len, mul, diffloss.train_diffusion.num_timesteps).to(model.device)
+    noise = rng.train_noise(b, seq_len, mul, c).to(device=model.device, dtype=target.dtype)
     terms = diffloss.train_diffusion.training_losses(lambda x, tt: diffloss.net(x, tt, z_rows), target, t, noise)
     loss = (terms["loss"] * mask_rows).sum() / mask_rows.sum()
     return TextToImageLoss(loss, orders, mask, latents.reshape(b, seq_len, c), z, t, noise, terms)
@@ -90,6 +90,15 @@ def image_to_text_loss(model: Harmon, input_ids: torch.Tensor, attention_mask: t
     multiple of a dummy visual feature keeps every visual parameter in the graph
     (needed by distributed data-parallel), as the original does.
     """
+    token_losses, null_loss = image_to_text_token_losses(model, input_ids, attention_mask, labels, pixel_values,
+                                                         grad_scale)
+    return token_losses.mean() + null_loss
+
+
+def image_to_text_token_losses(model: Harmon, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                               labels: torch.Tensor, pixel_values: torch.Tensor | None, grad_scale: float = 0.1
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-answer-token cross-entropy (N,) and the zero-valued term keeping unused visual parameters in the graph."""
     device = model.device
     input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
     embed = model.llm.get_input_embeddings()
@@ -104,9 +113,10 @@ def image_to_text_loss(model: Harmon, input_ids: torch.Tensor, attention_mask: t
         if grad_scale is not None:
             z_enc = scale_gradient(z_enc, grad_scale)
         inputs_embeds = model.multimodal_embeds(input_ids, z_enc, IMAGE_TOKEN_INDEX)
-        null_loss = 0.0
-    hidden = model.llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        null_loss = inputs_embeds.new_zeros(())
+    hidden = model.llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                            use_cache=False).last_hidden_state
     hidden, targets = hidden[:, :-1], labels[:, 1:]
     keep = targets >= 0
     logits = model.llm.get_output_embeddings()(hidden[keep])
-    return F.cross_entropy(logits.float(), targets[keep]) + null_loss
+    return F.cross_entropy(logits.float(), targets[keep], reduction="none"), null_loss

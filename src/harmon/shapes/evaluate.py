@@ -1,0 +1,404 @@
+"""Scoring images of the shapes world without any learned model, GenEval style.
+
+The analyser (:func:`analyze`):
+
+1. background: the median colour of the image's border (falls back to the
+   world's background when the border is not light and uniform);
+2. colour of each pixel: for every palette colour ``c`` the pixel ``p`` is
+   projected on the segment background -> ``c`` (``alpha``, the coverage of an
+   anti-aliased edge pixel); the colour whose segment passes closest wins, and
+   the pixel is foreground when that colour's ``alpha >= 0.5`` and the distance
+   to the segment is below ``max_residual`` (so blended edges go to the right
+   colour or to the background, never to a third colour);
+3. blobs: 8-connected components of each colour's mask (holes filled);
+   blobs smaller than ``min_area_frac`` of the canvas are ignored;
+4. shape from geometry: the blob's mask against the ideal square, circle and
+   up-pointing triangle filling its bounding box (fill ratios ~1.0, ~0.785,
+   ~0.5), best intersection-over-union wins; blobs with extreme aspect ratios
+   or no good match are ``unknown`` (still counted as objects);
+5. bounding-box centres and sizes for GenEval's relative-position rule.
+
+Prompts are then checked per category (:func:`check`) and scores averaged per
+category, with GenEval's overall score the mean of the category scores.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from . import world
+
+PALETTE_ARRAY = np.array([world.PALETTE[c] for c in world.COLORS], dtype=np.float32)  # (6, 3)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One blob: colour, shape, bounding box (x0, y0, x1, y1 exclusive), area, centroid, fill ratio."""
+
+    color: str
+    shape: str
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    area: int
+    centroid: tuple[float, float]
+    fill: float
+
+    @property
+    def cx(self) -> float:
+        return (self.x0 + self.x1) / 2
+
+    @property
+    def cy(self) -> float:
+        return (self.y0 + self.y1) / 2
+
+    @property
+    def width(self) -> float:
+        return float(self.x1 - self.x0)
+
+    @property
+    def height(self) -> float:
+        return float(self.y1 - self.y0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"color": self.color, "shape": self.shape, "box": [self.x0, self.y0, self.x1, self.y1],
+                "area": self.area, "centroid": [round(self.centroid[0], 2), round(self.centroid[1], 2)],
+                "fill": round(self.fill, 3)}
+
+
+def estimate_background(pixels: np.ndarray) -> np.ndarray:
+    """Median colour of the border pixels, or the world's background when the border is not plain and light."""
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]).astype(np.float32)
+    median = np.median(border, axis=0)
+    spread = np.median(np.abs(border - median).sum(axis=1))
+    if median.min() < 150 or spread > 40:
+        return np.array(world.BACKGROUND, dtype=np.float32)
+    return median
+
+
+def color_map(pixels: np.ndarray, background: np.ndarray | None = None, *, min_alpha: float = 0.5,
+              max_residual: float = 70.0) -> np.ndarray:
+    """(H, W) int8: index into :data:`world.COLORS` of each pixel's colour, -1 for background / no colour."""
+    h, w = pixels.shape[:2]
+    bg = estimate_background(pixels) if background is None else np.asarray(background, dtype=np.float32)
+    d = pixels.reshape(-1, 3).astype(np.float32) - bg  # (N, 3)
+    directions = PALETTE_ARRAY - bg  # (6, 3)
+    norms2 = (directions ** 2).sum(axis=1)  # (6,)
+    out = np.full(h * w, -1, dtype=np.int8)
+    # a pixel closer to the background than min_alpha of the nearest colour's distance cannot be foreground
+    d2 = (d ** 2).sum(axis=1)
+    candidates = np.nonzero(d2 >= (min_alpha * np.sqrt(norms2.min())) ** 2 * 0.99)[0]
+    if candidates.size == 0:
+        return out.reshape(h, w)
+    dc, d2c = d[candidates], d2[candidates]
+    alpha = np.clip((dc @ directions.T) / norms2, 0.0, 1.25)  # (M, 6) coverage along each colour
+    # squared distance to the point bg + alpha * direction, expanded: |d|^2 - 2 a d.dir + a^2 |dir|^2
+    residual2 = d2c[:, None] - 2 * alpha * (dc @ directions.T) + alpha ** 2 * norms2
+    best = residual2.argmin(axis=1)
+    rows = np.arange(candidates.size)
+    keep = (alpha[rows, best] >= min_alpha) & (residual2[rows, best] <= max_residual ** 2)
+    out[candidates[keep]] = best[keep].astype(np.int8)
+    return out.reshape(h, w)
+
+
+def shape_templates(h: int, w: int) -> dict[str, np.ndarray]:
+    """Ideal masks filling an h x w box (sampled at pixel centres): square, circle, up-pointing triangle."""
+    y = (np.arange(h) + 0.5)[:, None] / h  # 0..1 downwards
+    x = (np.arange(w) + 0.5)[None, :] / w
+    return {"square": np.ones((h, w), dtype=bool),
+            "circle": (2 * x - 1) ** 2 + (2 * y - 1) ** 2 <= 1.0,
+            "triangle": np.abs(2 * x - 1) <= y}
+
+
+def classify_shape(mask: np.ndarray, min_iou: float = 0.6) -> tuple[str, float]:
+    """Shape of one blob (a tight boolean mask of its bounding box) and its fill ratio.
+
+    The blob is compared with the ideal square, circle and up-pointing triangle filling the
+    same box; the best intersection-over-union wins (square ~ fill 1.0, circle ~ 0.785,
+    triangle ~ 0.5, but using where the pixels are, not only how many). Blobs with an aspect
+    ratio beyond 2:1, or matching no template with IoU >= ``min_iou``, are ``unknown``.
+    """
+    h, w = mask.shape
+    fill = float(mask.sum()) / float(h * w)
+    if not 0.5 <= w / h <= 2.0:
+        return "unknown", fill
+    best, best_iou = "unknown", 0.0
+    for name, template in shape_templates(h, w).items():
+        iou = float((mask & template).sum()) / float((mask | template).sum())
+        if iou > best_iou:
+            best, best_iou = name, iou
+    return (best if best_iou >= min_iou else "unknown"), fill
+
+
+def analyze(image: Image.Image | np.ndarray, *, min_area_frac: float = 0.006, min_alpha: float = 0.5,
+            max_residual: float = 70.0) -> list[Detection]:
+    """Objects found in an image, ordered left to right (then top to bottom)."""
+    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"expected an RGB image, got an array of shape {pixels.shape}")
+    labels = color_map(pixels, min_alpha=min_alpha, max_residual=max_residual)
+    min_area = max(4, int(round(min_area_frac * pixels.shape[0] * pixels.shape[1])))
+    found = []
+    structure = np.ones((3, 3), dtype=bool)
+    for k, color in enumerate(world.COLORS):
+        mask = labels == k
+        if mask.sum() < min_area:
+            continue
+        comp, n = ndimage.label(mask, structure=structure)
+        for index, sl in enumerate(ndimage.find_objects(comp), start=1):
+            if sl is None:
+                continue
+            blob = ndimage.binary_fill_holes(comp[sl] == index)
+            area = int(blob.sum())
+            if area < min_area:
+                continue
+            shape, fill = classify_shape(blob)
+            ys, xs = np.nonzero(blob)
+            found.append(Detection(color, shape, sl[1].start, sl[0].start, sl[1].stop, sl[0].stop, area,
+                                   (float(xs.mean() + sl[1].start + 0.5), float(ys.mean() + sl[0].start + 0.5)),
+                                   fill))
+    found.sort(key=lambda d: (d.cx, d.cy))
+    return found
+
+
+# -- checking prompts ----------------------------------------------------------------------------------
+def _matches(dets: Sequence[Detection], item: dict[str, Any]) -> list[Detection]:
+    return [d for d in dets if d.shape == item["class"] and ("color" not in item or d.color == item["color"])]
+
+
+def check(prompt: dict[str, Any], dets: Sequence[Detection]) -> tuple[bool, str]:
+    """Whether detections satisfy a prompt (a :func:`world.make_prompts` item), and why not."""
+    tag = prompt.get("category") or prompt["tag"]
+    include = prompt["include"]
+    if tag == "single_object":
+        item = include[0]
+        if len(dets) != 1:
+            return False, f"{len(dets)} objects, expected exactly 1"
+        if not _matches(dets, item):
+            return False, f"found {dets[0].color} {dets[0].shape}, expected {item.get('color', '')} {item['class']}"
+        return True, "ok"
+    if tag == "counting":
+        item = include[0]
+        of_shape = [d for d in dets if d.shape == item["class"]]
+        if len(of_shape) != item["count"]:
+            return False, f"{len(of_shape)} {item['class']}s, expected {item['count']}"
+        if "color" in item and any(d.color != item["color"] for d in of_shape):
+            return False, f"not all {item['class']}s are {item['color']}"
+        return True, "ok"
+    if tag in ("two_object", "colors", "color_attr"):
+        for item in include:
+            if len(_matches(dets, item)) < item.get("count", 1):
+                return False, f"no {item.get('color', '')} {item['class']}".replace("  ", " ")
+        return True, "ok"
+    if tag == "position":
+        for item in include:
+            if not _matches(dets, item):
+                return False, f"no {item.get('color', '')} {item['class']}".replace("  ", " ")
+        for item in include:
+            if "position" not in item:
+                continue
+            relation, ref = item["position"]
+            movers, refs = _matches(dets, item), _matches(dets, include[ref])
+            if not any(relation in world.relations(a, b) for a in movers for b in refs if a is not b):
+                return False, f"the {item.get('color', '')} {item['class']} is not {relation} the reference"
+        return True, "ok"
+    raise ValueError(f"unknown category {tag!r}")
+
+
+def score_image(prompt: dict[str, Any], image: Image.Image, **analyze_kwargs) -> dict[str, Any]:
+    dets = analyze(image, **analyze_kwargs)
+    ok, reason = check(prompt, dets)
+    return {"correct": ok, "reason": reason, "detections": [d.to_dict() for d in dets]}
+
+
+def summarize(categories: Iterable[str], correct: Iterable[bool]) -> dict[str, Any]:
+    """Per-category accuracy and GenEval's overall score (mean of the category scores)."""
+    per: dict[str, list[bool]] = {}
+    for c, ok in zip(categories, correct):
+        per.setdefault(c, []).append(bool(ok))
+    ordered = [c for c in world.CATEGORIES if c in per] + sorted(c for c in per if c not in world.CATEGORIES)
+    scores = {c: sum(per[c]) / len(per[c]) for c in ordered}
+    counts = {c: len(per[c]) for c in ordered}
+    overall = float(np.mean(list(scores.values()))) if scores else 0.0
+    return {"per_category": scores, "counts": counts, "overall": overall}
+
+
+# -- understanding ---------------------------------------------------------------------------------------
+def answer_correct(predicted: str, expected: str) -> bool:
+    return world.normalize_answer(predicted) == world.normalize_answer(expected)
+
+
+def summarize_answers(types: Iterable[str], correct: Iterable[bool]) -> dict[str, Any]:
+    per: dict[str, list[bool]] = {}
+    for t, ok in zip(types, correct):
+        per.setdefault(t, []).append(bool(ok))
+    ordered = [t for t in world.QUESTION_TYPES if t in per] + sorted(t for t in per if t not in world.QUESTION_TYPES)
+    scores = {t: sum(per[t]) / len(per[t]) for t in ordered}
+    return {"per_type": scores, "counts": {t: len(per[t]) for t in ordered},
+            "overall": float(np.mean(list(scores.values()))) if scores else 0.0}
+
+
+# -- evaluating a model ------------------------------------------------------------------------------------
+DEFAULT_EVAL_SEED = 20_250_001  # evaluation streams differ from the training stream whatever the seed
+
+
+def _fmt_table(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    lines = [f"shapes evaluation: model {s['model']}, {s['image_size']} px, seed {s['seed']}"]
+    gen = results.get("generation")
+    if gen is not None:
+        lines.append(f"{'generation (GenEval-style)':<34}{'score':>8}{'n':>7}")
+        for c, v in gen["per_category"].items():
+            lines.append(f"  {c:<32}{v:>8.3f}{gen['counts'][c]:>7d}")
+        lines.append(f"  {'overall (mean of categories)':<32}{gen['overall']:>8.3f}{sum(gen['counts'].values()):>7d}")
+    und = results.get("understanding")
+    if und is not None:
+        lines.append(f"{'understanding (exact match)':<34}{'acc':>8}{'n':>7}")
+        for t, v in und["per_type"].items():
+            lines.append(f"  {t:<32}{v:>8.3f}{und['counts'][t]:>7d}")
+        lines.append(f"  {'overall (mean of types)':<32}{und['overall']:>8.3f}{sum(und['counts'].values()):>7d}")
+    return "\n".join(lines)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The printed summary of :func:`evaluate_model`'s results."""
+    return _fmt_table(results)
+
+
+def write_geneval_sample(out_dir, index: int, metadata: dict[str, Any], images: Sequence[Image.Image]) -> None:
+    """GenEval's layout: ``<out>/<index:05d>/metadata.jsonl`` + ``samples/<k:04d>.png``."""
+    import json
+    from pathlib import Path
+
+    folder = Path(out_dir) / f"{index:05d}"
+    (folder / "samples").mkdir(parents=True, exist_ok=True)
+    with open(folder / "metadata.jsonl", "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(metadata) + "\n")
+    for k, image in enumerate(images):
+        image.save(folder / "samples" / f"{k:04d}.png", format="PNG")
+
+
+def evaluate_model(model, tokenizer, n_prompts: int = 200, seed: int = DEFAULT_EVAL_SEED, out_dir=None, *,
+                   image_size: int = world.DEFAULT_SIZE, images_per_prompt: int = 1, num_iter: int = 16,
+                   num_steps: int | None = None, guidance_scale: float = 3.0, temperature: float = 1.0,
+                   batch_size: int = 8, n_scenes: int | None = None, max_new_tokens: int = 48,
+                   generation: bool = True, understanding: bool = True, progress: bool = False,
+                   echo=print) -> dict[str, Any]:
+    """Score a model on the shapes world: generation (GenEval-style) and understanding (exact match).
+
+    Generation: ``n_prompts`` fresh prompts (:func:`world.make_prompts` with ``seed``, the
+    ``eval_prompts`` stream, never the training one), ``images_per_prompt`` images each with
+    seeds drawn from the ``eval_seeds`` stream, scored by :func:`analyze` + :func:`check`.
+    Understanding: ``n_scenes`` (default ``n_prompts``) freshly rendered scenes from the
+    ``eval_scenes`` stream, one question of each applicable type per scene, greedy answers of
+    :class:`~harmon.pipelines.ImageToTextPipeline` compared after :func:`world.normalize_answer`.
+
+    Prints the table with ``echo`` (None: silent). With ``out_dir``: writes ``results.json``
+    (settings, scores, every item) and GenEval's layout ``<out>/<index:05d>/metadata.jsonl`` +
+    ``samples/<k:04d>.png`` for the generated images. Returns the results dict.
+    """
+    import json
+    from pathlib import Path
+
+    from ..pipelines import ImageToTextPipeline, TextToImagePipeline
+
+    if n_prompts < 1 and generation:
+        raise ValueError(f"n_prompts must be >= 1, got {n_prompts}")
+    if images_per_prompt < 1 or batch_size < 1:
+        raise ValueError("images_per_prompt and batch_size must be >= 1")
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    settings = {"model": getattr(model.config, "name", "?"), "seed": int(seed), "n_prompts": int(n_prompts),
+                "images_per_prompt": images_per_prompt, "image_size": image_size, "num_iter": num_iter,
+                "num_steps": None if num_steps is None else str(num_steps), "guidance_scale": guidance_scale,
+                "temperature": temperature, "max_new_tokens": max_new_tokens}
+    results: dict[str, Any] = {"settings": settings}
+
+    if generation:
+        prompts = make_prompts_for_eval(n_prompts, seed, image_size)
+        seed_rng = world.make_rng(seed, "eval_seeds")
+        image_seeds = [[int(s) for s in seed_rng.integers(0, 2**31 - 1, size=images_per_prompt)] for _ in prompts]
+        pipe = TextToImagePipeline(model, tokenizer)
+        jobs = [(i, k) for i in range(len(prompts)) for k in range(images_per_prompt)]
+        images: dict[tuple[int, int], Image.Image] = {}
+        for first in range(0, len(jobs), batch_size):
+            batch = jobs[first:first + batch_size]
+            res = pipe([prompts[i]["prompt"] for i, _ in batch], seeds=[image_seeds[i][k] for i, k in batch],
+                       guidance_scale=guidance_scale, temperature=temperature, num_iter=num_iter,
+                       num_steps=num_steps, height=image_size, progress=progress)
+            images.update(zip(batch, res.images))
+        items, cats, oks = [], [], []
+        for i, p in enumerate(prompts):
+            samples = []
+            for k in range(images_per_prompt):
+                scored = score_image(p, images[(i, k)])
+                scored["seed"] = image_seeds[i][k]
+                samples.append(scored)
+                cats.append(p["category"])
+                oks.append(scored["correct"])
+            items.append({"index": i, "prompt": p["prompt"], "category": p["category"], "samples": samples})
+            if out is not None:
+                meta = {"tag": p["tag"], "include": p["include"]}
+                if "exclude" in p:
+                    meta["exclude"] = p["exclude"]
+                meta["prompt"] = p["prompt"]
+                write_geneval_sample(out, i, meta, [images[(i, k)] for k in range(images_per_prompt)])
+        gen = summarize(cats, oks)
+        gen["items"] = items
+        results["generation"] = gen
+
+    if understanding:
+        n_scenes = n_prompts if n_scenes is None else n_scenes
+        describe_pipe = ImageToTextPipeline(model, tokenizer, image_size=image_size)
+        items, types, oks = [], [], []
+        for j in range(n_scenes):
+            rng = world.make_rng(seed, "eval_scenes", j)
+            scene = world.sample_scene(world.CATEGORIES[j % len(world.CATEGORIES)], rng, image_size)
+            image = world.render(scene)
+            embeds = describe_pipe.image_embeds(image)  # encoded once, shared by the scene's questions
+            by_type: dict[str, list[dict[str, Any]]] = {}
+            for q in world.questions(scene.objects, rng):
+                by_type.setdefault(q["type"], []).append(q)
+            for qtype in world.QUESTION_TYPES:
+                if qtype not in by_type:
+                    continue
+                q = by_type[qtype][int(rng.integers(len(by_type[qtype])))]
+                predicted = _answer(describe_pipe, embeds, q["question"], max_new_tokens)
+                ok = answer_correct(predicted, q["answer"])
+                items.append({"scene": j, "type": qtype, "question": q["question"], "expected": q["answer"],
+                              "predicted": predicted, "correct": ok})
+                types.append(qtype)
+                oks.append(ok)
+        und = summarize_answers(types, oks)
+        und["items"] = items
+        results["understanding"] = und
+
+    table = format_table(results)
+    results["table"] = table
+    if echo is not None:
+        echo(table)
+    if out is not None:
+        with open(out / "results.json", "w", encoding="utf-8") as fh:
+            json.dump(results, fh, indent=1)
+            fh.write("\n")
+    return results
+
+
+def _answer(pipe, image_embeds, question: str, max_new_tokens: int) -> str:
+    """Greedy answer to one question about an already encoded image (as ``pipe(image, question)``)."""
+    from ..processing import IMAGE_TOKEN, chat_prompt
+
+    embeds = pipe.prompt_embeds(chat_prompt(f"{IMAGE_TOKEN}\n{question}"), image_embeds)
+    ids = list(pipe.generate_ids(embeds, max_new_tokens=max_new_tokens))
+    return pipe.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def make_prompts_for_eval(n: int, seed: int, size: int = world.DEFAULT_SIZE) -> list[dict[str, Any]]:
+    """:func:`world.make_prompts` (kept separate so the evaluation's prompt source is explicit)."""
+    return world.make_prompts(n, seed, size)

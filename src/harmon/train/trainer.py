@@ -1,0 +1,377 @@
+"""The training loop: one process or many (``torchrun``, DistributedDataParallel), resumable exactly.
+
+Each step takes ``t2i_batch_size`` caption examples and ``i2t_batch_size``
+conversation examples from deterministic per-epoch permutations, split evenly
+over the processes, and minimises ``t2i_weight * L_t2i + i2t_weight * L_i2t``.
+All randomness of a step is keyed by (seed, step, sample index), so a run on N
+processes computes the losses of a one-process run with the same global batch,
+and a resumed run continues with exactly the losses it would have had.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..checkpoint import load_model, save_model
+from ..hub import load_tokenizer
+from ..models.harmon import Harmon
+from ..rng import TrainingRNG, derive_seed
+from .config import TrainConfig
+from .data import Batcher, CaptionExample, ConversationExample, read_finetune, read_jsonl, read_llava
+from .losses import image_to_text_token_losses, text_to_image_loss
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)  # one record per logged step
+    skipped_images: list[str] = field(default_factory=list)
+    final_dir: Path | None = None
+
+
+# -- distributed set-up ------------------------------------------------------------------------
+@dataclass
+class World:
+    rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_world(device: str) -> World:
+    """Join the ``torchrun`` process group if there is one (gloo on CPU, nccl on CUDA)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    if size > 1 and not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return World(rank, size, dev)
+
+
+def _all_reduce_sum(values: torch.Tensor, world: World) -> torch.Tensor:
+    if world.size > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+# -- model preparation -----------------------------------------------------------------------
+def part_parameters(model: Harmon, part: str) -> list[nn.Parameter]:
+    """The parameters of one trainable part: llm, mar_encoder, mar_decoder (with the diffusion head), projections."""
+    mar = model.mar
+    groups = {
+        "llm": [model.llm],
+        "mar_encoder": [mar.z_proj, mar.z_proj_ln, mar.encoder_blocks, mar.encoder_norm, mar.class_emb],
+        "mar_decoder": [mar.decoder_embed, mar.decoder_blocks, mar.decoder_norm, mar.diffloss],
+        "projections": [model.proj_in, model.proj_out],
+    }
+    loose = {"mar_encoder": [mar.fake_latent, mar.encoder_pos_embed_learned],
+             "mar_decoder": [mar.mask_token, mar.decoder_pos_embed_learned, mar.diffusion_pos_embed_learned]}
+    params = [p for m in groups[part] for p in m.parameters()]
+    return params + loose.get(part, [])
+
+
+def prepare_model(model: Harmon, cfg: TrainConfig) -> Harmon:
+    """Freeze what the config says (the VAE always), add LoRA, switch on gradient checkpointing."""
+    model.requires_grad_(True)
+    model.vae.requires_grad_(False)
+    for part in cfg.freeze:
+        for p in part_parameters(model, part):
+            p.requires_grad_(False)
+    if cfg.lora.r > 0:
+        from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+        # on the decoder stack (llm.model), so code that calls llm.model(...) runs the adapted layers
+        model.llm.model = get_peft_model(model.llm.model, PeftLoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+            target_modules=list(cfg.lora.target_modules)))
+    if cfg.gradient_checkpointing:
+        model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.mar.grad_checkpointing = True
+        model.mar.diffloss.net.grad_checkpointing = True
+    return model
+
+
+def build_optimizer(model: Harmon, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on 1-D parameters, biases and the diffusion head (as the original)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name.endswith(".bias") or name.startswith("mar.diffloss."):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    if not decay and not no_decay:
+        raise ValueError("nothing to train: every part is frozen")
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_ratio`` of the steps, then cosine decay to ``min_lr_ratio``."""
+    warmup = max(1, round(cfg.optim.warmup_ratio * cfg.max_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+    return cfg.optim.min_lr_ratio + (1 - cfg.optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class HarmonForTraining(nn.Module):
+    """Both objectives behind one ``forward`` (so DistributedDataParallel sees the call)."""
+
+    def __init__(self, model: Harmon):
+        super().__init__()
+        self.model = model
+
+    def forward(self, t2i: dict | None, i2t: dict | None, rng: TrainingRNG | None) -> dict[str, torch.Tensor]:
+        out = {}
+        if t2i is not None:
+            out["t2i"] = text_to_image_loss(self.model, t2i["pixel_values"], t2i["input_ids"],
+                                            t2i["attention_mask"], rng).loss
+        if i2t is not None:
+            losses, null = image_to_text_token_losses(self.model, i2t["input_ids"], i2t["attention_mask"],
+                                                      i2t["labels"], i2t["pixel_values"])
+            out["i2t_sum"], out["i2t_count"], out["i2t_null"] = losses.sum(), losses.numel(), null
+        return out
+
+
+# -- data order -------------------------------------------------------------------------------
+def batch_positions(step: int, batch_size: int, world: World) -> list[int]:
+    """Global stream positions of this process's share of step ``step``."""
+    if batch_size % world.size:
+        raise ValueError(f"batch size {batch_size} does not split over {world.size} processes")
+    share = batch_size // world.size
+    start = step * batch_size + world.rank * share
+    return list(range(start, start + share))
+
+
+def example_index(position: int, n: int, seed: int, task: int, cache: dict) -> int:
+    """The example at a global stream position: epoch-wise permutations from (seed, task, epoch)."""
+    epoch, offset = divmod(position, n)
+    if (task, epoch) not in cache:
+        g = torch.Generator().manual_seed(derive_seed(seed, task, epoch))
+        cache[(task, epoch)] = torch.randperm(n, generator=g).tolist()
+    return cache[(task, epoch)][offset]
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+def _trainable_state(model: Harmon) -> dict[str, torch.Tensor]:
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if k in names}
+
+
+def save_checkpoint(out: Path, step: int, model: Harmon, optimizer, world: World, cfg: TrainConfig) -> None:
+    """Write ``checkpoints/step_XXXXXXX`` atomically (temp folder, then rename) and point ``latest`` at it."""
+    root = out / CHECKPOINTS
+    final = root / f"step_{step:07d}"
+    tmp = root / f".step_{step:07d}.tmp"
+    if world.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(world)
+    torch.save(torch.get_rng_state(), tmp / f"rng_rank{world.rank}.pt")
+    if world.main:
+        torch.save({"step": step, "model": _trainable_state(model), "optimizer": optimizer.state_dict(),
+                    "config": cfg.to_dict(), "world_size": world.size}, tmp / "state.pt")
+    _barrier(world)
+    if world.main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_atomic(root / "latest", final.name)
+        for old in sorted(root.glob("step_*"))[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(world)
+
+
+def load_checkpoint(out: Path, model: Harmon, optimizer, world: World) -> int:
+    """Restore the latest checkpoint; returns the step to continue from (0 when there is none)."""
+    pointer = out / CHECKPOINTS / "latest"
+    if not pointer.is_file():
+        return 0
+    folder = out / CHECKPOINTS / pointer.read_text().strip()
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    if state["world_size"] != world.size:
+        raise ValueError(f"{folder} was written by {state['world_size']} processes; resume with the same number")
+    missing = set(_trainable_state(model)) - set(state["model"])
+    if missing:
+        raise ValueError(f"{folder} lacks trainable tensors {sorted(missing)[:5]}: was the freeze/LoRA setting changed?")
+    model.load_state_dict(state["model"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(torch.load(folder / f"rng_rank{world.rank}.pt", weights_only=True))
+    return int(state["step"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+def _read_data(cfg: TrainConfig) -> tuple[list[CaptionExample], list[ConversationExample]]:
+    captions = [e for root in cfg.data.finetune for e in read_finetune(root)]
+    captions += [e for path in cfg.data.jsonl for e in read_jsonl(path)]
+    conversations = [e for path in cfg.data.llava for e in read_llava(path)]
+    return captions, conversations
+
+
+def train(cfg: TrainConfig, stop_after: int | None = None) -> TrainResult:
+    """Run (or resume) training; ``stop_after`` ends the run early after that many steps (for tests).
+
+    Dropout draws from torch's global generator: it is seeded here from (seed, rank),
+    saved in checkpoints, and the caller's global RNG state is restored afterwards.
+    """
+    world = setup_world(cfg.device)
+    devices = [world.device.index or 0] if world.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(derive_seed(cfg.seed, world.rank))
+        return _train(cfg, world, stop_after)
+
+
+def _train(cfg: TrainConfig, world: World, stop_after: int | None) -> TrainResult:
+    out = Path(cfg.output_dir)
+    model = prepare_model(load_model(cfg.model, device=world.device), cfg)
+    model.train()
+    tokenizer = load_tokenizer(Path(cfg.model), int(model.config.llm["vocab_size"]))
+    captions, conversations = _read_data(cfg)
+    image_tokens = (cfg.data.image_size // model.config.mar.vae_stride) ** 2 + model.buffer_size
+    batcher = Batcher(tokenizer, cfg.data.image_size, image_tokens, cfg.data.uncond_prob, cfg.seed,
+                      cfg.data.max_length)
+    module = HarmonForTraining(model)
+    wrapped = module
+    if world.size > 1:
+        wrapped = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
+    optimizer = build_optimizer(model, cfg)
+    start = load_checkpoint(out, model, optimizer, world)
+    use_bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and world.device.type == "cuda")
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    log = open(out / "log.jsonl", "a") if world.main else None
+    writer = _tensorboard(out) if cfg.tensorboard and world.main else None
+    result = TrainResult(steps=start)
+    end = cfg.max_steps if stop_after is None else min(cfg.max_steps, start + stop_after)
+    bar = tqdm(total=cfg.max_steps, initial=start, disable=not (cfg.progress and world.main), desc="training")
+    perm_cache: dict = {}
+    tick, samples = time.perf_counter(), 0
+    for step in range(start, end):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.optim.lr * lr_factor(step, cfg)
+        t2i = i2t = None
+        if captions:
+            pos = batch_positions(step, cfg.data.t2i_batch_size, world)
+            idx = [example_index(p, len(captions), cfg.seed, 0, perm_cache) for p in pos]
+            t2i = batcher.text_to_image([captions[i] for i in idx], pos, step)
+        if conversations:
+            pos = batch_positions(step, cfg.data.i2t_batch_size, world)
+            idx = [example_index(p, len(conversations), cfg.seed, 1, perm_cache) for p in pos]
+            i2t = batcher.image_to_text([conversations[i] for i in idx], pos)
+        rng = TrainingRNG(cfg.seed, step, t2i["sample_ids"]) if t2i is not None else None
+        with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            losses = wrapped(t2i, i2t, rng)
+        # i2t: token-weighted mean over the whole global batch, whatever its split over processes
+        i2t_tokens = _all_reduce_sum(torch.tensor(float(losses.get("i2t_count", 0))), world).item()
+        total = torch.zeros((), device=world.device)
+        if "t2i" in losses:
+            total = total + cfg.t2i_weight * losses["t2i"]
+        if "i2t_sum" in losses and i2t_tokens > 0:
+            total = total + cfg.i2t_weight * (losses["i2t_sum"] * world.size / i2t_tokens + losses["i2t_null"])
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                   cfg.optim.grad_clip)
+        optimizer.step()
+        samples += (len(t2i["sample_ids"]) if t2i else 0) + (len(i2t["sample_ids"]) if i2t else 0)
+
+        record = _step_record(step, losses, i2t_tokens, world, optimizer, grad_norm)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
+            elapsed = time.perf_counter() - tick
+            record["samples_per_s"] = _all_reduce_sum(torch.tensor(float(samples)), world).item() / elapsed
+            tick, samples = time.perf_counter(), 0
+            if world.main:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if writer is not None:
+                    for key, value in record.items():
+                        writer.add_scalar(key, value, step + 1)
+        result.history.append(record)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("t2i", "i2t", "lr", "samples_per_s")})
+        bar.update(1)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
+            save_checkpoint(out, step + 1, model, optimizer, world, cfg)
+        result.steps = step + 1
+    bar.close()
+    result.skipped_images = _gather_skipped(batcher.skipped, world)
+    if world.main:
+        if result.skipped_images:
+            print(f"skipped {len(result.skipped_images)} unreadable images, e.g. {result.skipped_images[0]}")
+        if result.steps == cfg.max_steps:
+            result.final_dir = export(model, tokenizer, out / "final")
+        log.close()
+        if writer is not None:
+            writer.close()
+    _barrier(world)
+    return result
+
+
+def _step_record(step: int, losses: dict, i2t_tokens: float, world: World, optimizer, grad_norm) -> dict[str, Any]:
+    record: dict[str, Any] = {"step": step + 1, "lr": optimizer.param_groups[0]["lr"],
+                              "grad_norm": float(grad_norm)}
+    if "t2i" in losses:
+        record["t2i"] = _all_reduce_sum(losses["t2i"].detach().float().cpu(), world).item() / world.size
+    if "i2t_sum" in losses and i2t_tokens > 0:
+        record["i2t"] = _all_reduce_sum(losses["i2t_sum"].detach().float().cpu(), world).item() / i2t_tokens
+    return record
+
+
+def _gather_skipped(skipped: list[str], world: World) -> list[str]:
+    if world.size == 1:
+        return list(skipped)
+    gathered: list = [None] * world.size
+    dist.all_gather_object(gathered, list(skipped))
+    return [s for part in gathered for s in part]
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ValueError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from err
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def export(model: Harmon, tokenizer, folder: Path) -> Path:
+    """A model folder for the pipelines (LoRA merged into the LLM), with the tokenizer."""
+    if hasattr(model.llm.model, "merge_and_unload"):
+        model.llm.model = model.llm.model.merge_and_unload()
+    model.eval()
+    save_model(model, folder)
+    tokenizer.save_pretrained(str(folder))
+    return folder

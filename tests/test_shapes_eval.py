@@ -1,0 +1,246 @@
+"""The shapes analyser (GenEval-style checks) on rendered truth and corrupted scenes, and the model evaluation."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from harmon.shapes import evaluate as ev
+from harmon.shapes import world
+from harmon.shapes.world import Obj, Scene
+
+TINY = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "tiny"
+
+
+def prompt_of(scene: Scene) -> dict:
+    return {"category": scene.category, "tag": scene.category, "include": [dict(i) for i in scene.include],
+            "exclude": [dict(e) for e in scene.exclude], "prompt": scene.prompt}
+
+
+def passes(scene: Scene, size: int | None = None, antialias: bool = True) -> tuple[bool, str]:
+    return ev.check(prompt_of(scene), ev.analyze(world.render(scene, size, antialias=antialias)))
+
+
+def sample(category: str, n: int, seed: int, size: int = world.DEFAULT_SIZE) -> list[Scene]:
+    rng = world.make_rng(seed, "train")
+    return [world.sample_scene(category, rng, size) for _ in range(n)]
+
+
+# -- rendered ground truth scores 100% ---------------------------------------------------------------
+@pytest.mark.parametrize("size,n", [(64, 300), (256, 200)])
+def test_rendered_truth_scores_100_percent(size, n):
+    cats, oks = [], []
+    for category in world.CATEGORIES:
+        for scene in sample(category, n, seed=100):
+            image = world.render(scene, size)
+            dets = ev.analyze(image)
+            ok, why = ev.check(prompt_of(scene), dets)
+            assert ok, (size, scene.prompt, why, [d.to_dict() for d in dets])
+            assert len(dets) == len(scene.objects)
+            cats.append(category)
+            oks.append(ok)
+            if size == 64:  # what the analyser sees answers every question like the ground truth
+                for q in world.questions(scene.objects):
+                    assert world.answer(dets, q["type"], q["params"]) == q["answer"], (scene.prompt, q)
+    summary = ev.summarize(cats, oks)
+    assert summary["overall"] == 1.0
+    assert set(summary["per_category"]) == set(world.CATEGORIES)
+    assert all(c == n for c in summary["counts"].values())
+
+
+def test_rendered_truth_without_antialiasing_and_with_noise_and_blur():
+    noise = np.random.default_rng(0)
+    for category in world.CATEGORIES:
+        for scene in sample(category, 40, seed=200):
+            assert passes(scene, antialias=False)[0], scene.prompt
+            blurred = world.render(scene).filter(ImageFilter.GaussianBlur(0.8))
+            noisy = np.asarray(blurred, dtype=np.float64) + noise.normal(0, 6, (64, 64, 3))
+            image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+            ok, why = ev.check(prompt_of(scene), ev.analyze(image))
+            assert ok, (scene.prompt, why)
+
+
+def test_shapes_colours_and_positions_are_measured():
+    for size in (14, 20, 32, 60):
+        for shape in world.SHAPES:
+            for color in world.COLORS:
+                scene = Scene((Obj(shape, color, 40, 40, size),), 80)
+                dets = ev.analyze(world.render(scene))
+                assert [(d.shape, d.color) for d in dets] == [(shape, color)], (size, shape, color)
+                assert abs(dets[0].cx - 40) <= 1 and abs(dets[0].width - size) <= 1.5
+    expected_fill = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}
+    for shape, fill in expected_fill.items():
+        d = ev.analyze(world.render(Scene((Obj(shape, "blue", 128, 128, 120),), 256)))[0]
+        assert abs(d.fill - fill) < 0.03, (shape, d.fill)
+    blank = Image.new("RGB", (64, 64), world.BACKGROUND)
+    assert ev.analyze(blank) == []
+    speck = world.render(Scene((Obj("square", "red", 32, 32, 3),), 64))  # tiny blobs are ignored
+    assert ev.analyze(speck) == []
+
+
+# -- corrupted scenes fail -------------------------------------------------------------------------------
+def other_color(color: str, rng) -> str:
+    choices = [c for c in world.COLORS if c != color]
+    return choices[int(rng.integers(len(choices)))]
+
+
+def recolor(scene: Scene, index: int, color: str) -> Scene:
+    objs = list(scene.objects)
+    objs[index] = dataclasses.replace(objs[index], color=color)
+    return world.replace_objects(scene, objs)
+
+
+def add_free_object(scene: Scene, obj_like: Obj, rng) -> Scene | None:
+    """The scene with one more object like ``obj_like`` where there is room, else None."""
+    half = obj_like.size / 2
+    for _ in range(300):
+        cx = float(rng.uniform(half + 1, scene.size - half - 1))
+        cy = float(rng.uniform(half + 1, scene.size - half - 1))
+        cand = dataclasses.replace(obj_like, cx=cx, cy=cy)
+        if all(world._separated(cand, o, 3.0) for o in scene.objects):
+            return world.replace_objects(scene, scene.objects + (cand,))
+    return None
+
+
+def test_wrong_colour_fails():
+    rng = np.random.default_rng(1)
+    for category in ("single_object", "colors", "counting", "position", "color_attr"):
+        for scene in sample(category, 60, seed=300):
+            index = int(rng.integers(len(scene.objects)))
+            bad = recolor(scene, index, other_color(scene.objects[index].color, rng))
+            if category == "position":  # keep the two objects distinct so the check is about the colour
+                if (bad.objects[0].color, bad.objects[0].shape) == (bad.objects[1].color, bad.objects[1].shape):
+                    continue
+            assert passes(scene)[0]
+            assert not passes(bad)[0], (category, scene.prompt)
+
+
+def test_swapped_colours_fail_attribution_only():
+    for scene in sample("color_attr", 100, seed=301):
+        a, b = scene.objects
+        swapped = world.replace_objects(scene, (dataclasses.replace(a, color=b.color),
+                                                dataclasses.replace(b, color=a.color)))
+        assert not passes(swapped)[0], scene.prompt
+        as_two_objects = Scene(swapped.objects, scene.size, "two_object", scene.prompt,
+                               tuple({"class": i["class"], "count": 1} for i in scene.include))
+        assert passes(as_two_objects)[0]  # both shapes are still there
+
+
+def test_moved_object_fails_position():
+    tested = 0
+    for scene in sample("position", 150, seed=302):
+        mover, ref = scene.objects
+        # swap the two objects' places: the relation is reversed
+        moved = (dataclasses.replace(mover, cx=ref.cx, cy=ref.cy), dataclasses.replace(ref, cx=mover.cx, cy=mover.cy))
+        if not all(0 <= v <= scene.size for o in moved for v in o.box) or not world._separated(*moved, 1.0):
+            continue
+        tested += 1
+        assert not passes(world.replace_objects(scene, moved))[0], scene.prompt
+        # moving it far along the perpendicular axis breaks the relation as well
+    assert tested >= 100
+    left = Scene((Obj("circle", "red", 12, 32, 16), Obj("square", "blue", 52, 32, 16)), 64, "position",
+                 "a red circle to the left of a blue square",
+                 ({"class": "square", "count": 1, "color": "blue"},
+                  {"class": "circle", "count": 1, "color": "red", "position": ["left of", 0]}))
+    assert passes(left)[0]
+    above = world.replace_objects(left, (Obj("circle", "red", 50, 10, 16), left.objects[1]))
+    assert not passes(above)[0]  # moved above the square, not to its left
+
+
+def test_missing_object_fails():
+    for category in world.CATEGORIES:
+        for scene in sample(category, 50, seed=303):
+            for drop in range(len(scene.objects)):
+                fewer = world.replace_objects(scene, scene.objects[:drop] + scene.objects[drop + 1:])
+                assert not passes(fewer)[0], (category, scene.prompt, drop)
+
+
+def test_extra_object_fails_counting_and_single_object():
+    rng = np.random.default_rng(4)
+    tested = 0
+    for category in ("single_object", "counting"):
+        for scene in sample(category, 80, seed=304):
+            like = scene.objects[0] if category == "counting" else dataclasses.replace(
+                scene.objects[0], shape=world.SHAPES[int(rng.integers(3))], color=world.COLORS[int(rng.integers(6))])
+            more = add_free_object(scene, like, rng)
+            if more is None:
+                continue
+            tested += 1
+            assert not passes(more)[0], (category, scene.prompt, more.objects[-1])
+    assert tested >= 120
+
+
+def test_summaries_are_geneval_style():
+    summary = ev.summarize(["counting"] * 3 + ["position"], [True, True, False, True])
+    assert summary["per_category"] == {"counting": 2 / 3, "position": 1.0}
+    assert summary["overall"] == pytest.approx((2 / 3 + 1.0) / 2)  # mean of categories, not of images
+    und = ev.summarize_answers(["color", "color", "count"], [True, False, True])
+    assert und["per_type"] == {"color": 0.5, "count": 1.0} and und["overall"] == 0.75
+    assert ev.answer_correct(" Red. ", "red") and ev.answer_correct("A red  circle", "a red circle.")
+    assert not ev.answer_correct("red circle", "a red circle")
+
+
+# -- the model evaluation, end to end on the tiny reference model -----------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    from harmon.checkpoint import load_model
+    from harmon.tokenizer import build_byte_tokenizer
+
+    if not (TINY / "config.json").is_file():
+        pytest.fail(f"reference fixtures not found at {TINY}")
+    return load_model(TINY, dtype=torch.float32), build_byte_tokenizer()
+
+
+def test_evaluate_model_end_to_end(tiny, tmp_path):
+    model, tokenizer = tiny
+    printed = []
+    out = tmp_path / "eval"
+    results = ev.evaluate_model(model, tokenizer, n_prompts=4, seed=123, out_dir=out, num_iter=2, num_steps=2,
+                                image_size=64, n_scenes=2, max_new_tokens=4, echo=printed.append)
+    table = printed[0]
+    for word in ("generation", "understanding", "overall", "single_object", "describe"):
+        assert word in table
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["generation"]["overall"] == results["generation"]["overall"]
+    assert 0.0 <= saved["generation"]["overall"] <= 1.0
+    assert sum(saved["generation"]["counts"].values()) == 4
+    assert list(saved["generation"]["per_category"]) == list(world.CATEGORIES[:4])
+    assert saved["understanding"]["counts"]["describe"] == 2
+    assert all(0.0 <= v <= 1.0 for v in saved["understanding"]["per_type"].values())
+    prompts = world.make_prompts(4, 123)
+    for i, p in enumerate(prompts):
+        folder = out / f"{i:05d}"
+        lines = (folder / "metadata.jsonl").read_text().splitlines()
+        assert len(lines) == 1
+        meta = json.loads(lines[0])
+        assert meta["prompt"] == p["prompt"] and meta["tag"] == p["category"] and meta["include"] == p["include"]
+        with Image.open(folder / "samples" / "0000.png") as im:
+            assert im.size == (64, 64)
+        assert saved["generation"]["items"][i]["prompt"] == p["prompt"]
+    assert not (out / "00004").exists()
+
+
+def test_eval_cli(tiny, tmp_path, capsys):
+    from harmon.shapes.cli import add_eval_parser
+
+    parser = argparse.ArgumentParser(prog="harmon")
+    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    out = tmp_path / "cli"
+    args = parser.parse_args(["eval", "shapes", "--model", str(TINY), "--n", "2", "--seed", "5", "--out", str(out),
+                              "--num-iter", "2", "--num-steps", "2", "--device", "cpu", "--no-understanding", "-q"])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "overall" in text and "results.json" in text
+    assert json.loads((out / "results.json").read_text())["settings"]["n_prompts"] == 2
+    assert (out / "00001" / "samples" / "0000.png").is_file()
+    bad = parser.parse_args(["eval", "shapes", "--model", str(TINY), "--n", "0", "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError):
+        bad.func(bad)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "shapes"])  # --model is required

@@ -1,0 +1,188 @@
+"""Training: configuration, data, optimiser recipe, exact resumption, and 1 vs 2 processes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from harmon.checkpoint import load_model
+from harmon.tokenizer import build_byte_tokenizer
+from harmon.train.config import TrainConfig
+from harmon.train.data import Batcher, read_finetune, read_jsonl, read_llava
+from harmon.train.losses import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from harmon.train.trainer import build_optimizer, lr_factor, part_parameters, prepare_model, train
+
+TINY_FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "tiny"
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Four coloured squares in the three formats: jsonl, FINETUNE layout and LLaVA conversations."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    (root / "annotations").mkdir()
+    lines, conversations, info = [], [], []
+    for i, (name, rgb) in enumerate(COLORS.items()):
+        pixels = np.full((64, 64, 3), 240, np.uint8)
+        pixels[16:48, 16:48] = rgb
+        Image.fromarray(pixels).save(root / "images" / f"{i}.png")
+        (root / "annotations" / f"{i}.json").write_text(json.dumps({"caption": f"a {name} square"}))
+        info.append({"image": f"{i}.png", "annotation": f"{i}.json"})
+        lines.append(json.dumps({"image": f"images/{i}.png", "caption": f"a {name} square"}))
+        conversations.append({"id": i, "image": f"images/{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is the square?"}, {"from": "gpt", "value": name}]})
+    (root / "data_info.json").write_text(json.dumps(info))
+    (root / "t2i.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "i2t.json").write_text(json.dumps(conversations))
+    return root
+
+
+def config(dataset: Path, out: Path, **overrides) -> TrainConfig:
+    data = {"jsonl": [str(dataset / "t2i.jsonl")], "llava": [str(dataset / "i2t.json")], "image_size": 64,
+            "t2i_batch_size": 4, "i2t_batch_size": 2}
+    data.update(overrides.pop("data", {}))
+    settings = {"model": str(TINY_FIXTURE), "output_dir": str(out), "max_steps": 4, "save_every": 2,
+                "log_every": 1, "progress": False, "optim": {"lr": 1e-3}, "data": data}
+    settings.update(overrides)
+    return TrainConfig.from_dict(settings)
+
+
+# -- configuration -------------------------------------------------------------------------------
+def test_yaml_config_and_unknown_keys(tmp_path, dataset):
+    path = tmp_path / "train.yaml"
+    path.write_text(f"model: {TINY_FIXTURE}\noutput_dir: {tmp_path / 'out'}\nmax_steps: 3\n"
+                    f"data:\n  jsonl: [{dataset / 't2i.jsonl'}]\n  image_size: 64\noptim:\n  lr: 2.0e-5\n")
+    cfg = TrainConfig.from_yaml(path)
+    assert cfg.max_steps == 3 and cfg.optim.lr == 2e-5 and cfg.optim.betas == (0.9, 0.95)
+    assert cfg.optim.weight_decay == 0.02 and cfg.optim.grad_clip == 1.0 and cfg.data.uncond_prob == 0.1
+    with pytest.raises(ValueError, match="unknown keys.*lerning_rate"):
+        TrainConfig.from_dict({"model": "m", "output_dir": "o", "lerning_rate": 1})
+    with pytest.raises(ValueError, match=r"config.optim: unknown keys.*'lrr'"):
+        TrainConfig.from_dict({"model": "m", "output_dir": "o", "data": {"jsonl": ["x"]}, "optim": {"lrr": 1}})
+    with pytest.raises(ValueError, match="freeze: unknown parts"):
+        TrainConfig.from_dict({"model": "m", "output_dir": "o", "data": {"jsonl": ["x"]}, "freeze": ["brain"]})
+    with pytest.raises(ValueError, match="at least one of"):
+        TrainConfig.from_dict({"model": "m", "output_dir": "o"})
+
+
+# -- data --------------------------------------------------------------------------------------------
+def test_readers_agree_and_report_bad_lines(dataset, tmp_path):
+    finetune, jsonl = read_finetune(dataset), read_jsonl(dataset / "t2i.jsonl")
+    assert [e.caption for e in finetune] == [e.caption for e in jsonl] == [f"a {c} square" for c in COLORS]
+    assert all(e.image.is_file() for e in finetune + jsonl)
+    conv = read_llava(dataset / "i2t.json")
+    assert conv[0].turns == (("What color is the square?", "red"),)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "a.png", "caption": "x"}\n\nnot json\n')
+    with pytest.raises(ValueError, match="line 3"):
+        read_jsonl(bad)
+
+
+def test_batches_tokens_labels_and_skipped_images(dataset, tmp_path):
+    tok = build_byte_tokenizer()
+    batcher = Batcher(tok, image_size=64, num_image_tokens=20, uncond_prob=0.0, seed=0)
+    captions = read_jsonl(dataset / "t2i.jsonl")
+    t2i = batcher.text_to_image(captions[:2], [0, 1], step=0)
+    assert t2i["pixel_values"].shape == (2, 3, 64, 64) and t2i["input_ids"].shape[0] == 2
+    text = tok.decode(t2i["input_ids"][0][t2i["attention_mask"][0]])
+    assert text == "<|im_start|>user\nGenerate an image: a red square<|im_end|>\n<|im_start|>assistant\n"
+    always = Batcher(tok, 64, 20, uncond_prob=1.0, seed=0).text_to_image(captions[:1], [0], step=0)
+    assert "Generate an image.<|im_end|>" in tok.decode(always["input_ids"][0])
+
+    i2t = batcher.image_to_text(read_llava(dataset / "i2t.json")[:2], [0, 1])
+    ids, labels = i2t["input_ids"][0], i2t["labels"][0]
+    assert int((ids == IMAGE_TOKEN_INDEX).sum()) == 20
+    answer = labels[labels != IGNORE_INDEX]
+    assert tok.decode(answer) == "red<|im_end|>"  # only the answer and its end token are learned
+
+    corrupt = tmp_path / "c.jsonl"
+    corrupt.write_text(json.dumps({"image": str(dataset / "images/0.png"), "caption": "ok"}) + "\n" +
+                       json.dumps({"image": str(tmp_path / "missing.png"), "caption": "gone"}) + "\n")
+    batch = batcher.text_to_image(read_jsonl(corrupt), [0, 1], step=0)
+    assert batch["sample_ids"] == [0] and len(batcher.skipped) == 1 and "missing.png" in batcher.skipped[0]
+
+
+# -- recipe --------------------------------------------------------------------------------------------
+def test_optimizer_groups_freezing_and_schedule(dataset, tmp_path):
+    cfg = config(dataset, tmp_path, freeze=["llm", "mar_encoder", "projections"], max_steps=200)
+    model = prepare_model(load_model(TINY_FIXTURE), cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("mar.") for n in trainable)
+    assert {id(p) for p in part_parameters(model, "mar_decoder")} == \
+        {id(p) for p in model.parameters() if p.requires_grad}
+    assert not any(p.requires_grad for p in model.vae.parameters())
+    decay, no_decay = build_optimizer(model, cfg).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 and not names[id(p)].startswith("mar.diffloss.") for p in decay["params"])
+    assert any(names[id(p)].startswith("mar.diffloss.") and p.ndim == 2 for p in no_decay["params"])
+    assert lr_factor(0, cfg) == 0.5 and lr_factor(1, cfg) == 1.0  # 1% of 200 steps = 2 warm-up steps
+    assert lr_factor(199, cfg) < 1e-3 and 0.45 < lr_factor(101, cfg) < 0.55
+
+
+# -- runs ------------------------------------------------------------------------------------------------
+def test_resume_continues_with_the_same_losses(dataset, tmp_path):
+    full = train(config(dataset, tmp_path / "full"))
+    first = train(config(dataset, tmp_path / "split"), stop_after=2)
+    assert first.steps == 2 and first.final_dir is None
+    rest = train(config(dataset, tmp_path / "split"))
+    assert [h["step"] for h in rest.history] == [3, 4]
+    for a, b in zip(full.history[2:], rest.history):
+        assert a["t2i"] == pytest.approx(b["t2i"], rel=1e-6) and a["i2t"] == pytest.approx(b["i2t"], rel=1e-6)
+    log = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert full.final_dir is not None
+    exported = load_model(full.final_dir)
+    assert (full.final_dir / "tokenizer.json").is_file()
+    from harmon.pipelines import TextToImagePipeline
+    from harmon.hub import load_tokenizer
+    pipe = TextToImagePipeline(exported, load_tokenizer(full.final_dir, 1000))
+    assert len(pipe("a red square", seeds=[0], height=64, num_iter=2, num_steps=2, progress=False).images) == 1
+
+
+def test_lora_trains_and_merges(dataset, tmp_path):
+    result = train(config(dataset, tmp_path / "lora", max_steps=2, lora={"r": 4},
+                          freeze=["mar_encoder", "mar_decoder", "projections"], data={"jsonl": []}))
+    merged = load_model(result.final_dir)
+    base = load_model(TINY_FIXTURE)
+    changed = [n for n, p in merged.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
+    assert changed and all(n.startswith("llm.") for n in changed)
+
+
+def test_two_processes_match_one(dataset, tmp_path):
+    """The same global batch on 1 process and on 2 gloo processes gives the same losses.
+
+    MAR's dropout draws from each process's own stream, so the model here has it off.
+    """
+    from harmon.checkpoint import load_state_dict, save_model
+    from harmon.config import HarmonConfig
+
+    base = load_model(TINY_FIXTURE)
+    settings = base.config.to_dict()
+    settings["mar"].update(attn_dropout=0.0, proj_dropout=0.0)
+    model_dir = save_model(load_state_dict(HarmonConfig.from_dict(settings), base.state_dict()), tmp_path / "model")
+    results = {}
+    for procs in (1, 2):
+        out = tmp_path / f"p{procs}"
+        cfg = config(dataset, out, max_steps=3, save_every=3, model=str(model_dir)).to_dict()
+        path = tmp_path / f"p{procs}.json"
+        path.write_text(json.dumps(cfg))
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+                   "--master_port", str(29500 + procs), "-m", "harmon.cli", "train", str(path)]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[procs] = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    for one, two in zip(results[1], results[2]):
+        assert one["t2i"] == pytest.approx(two["t2i"], rel=1e-4)
+        assert one["i2t"] == pytest.approx(two["i2t"], rel=1e-4)
+    assert len(results[2]) == 3
