@@ -568,6 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="override max_steps of the config")
     p.set_defaults(func=cmd_train)
 
+    from .shapes.cli import add_eval_parser
+
+    add_eval_parser(sub)
+
     p = sub.add_parser("parity", help="reproduce a reference fixture folder and report errors per case")
     p.add_argument("folder", help="fixture folder with config.json, weights.safetensors and cases/")
     p.add_argument("--case", action="append", help="run only this case (repeatable)")

@@ -29,14 +29,15 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype")
     s.add_argument("--n", type=int, default=200, metavar="N", help="number of prompts (and of understanding scenes)")
-    s.add_argument("--scenes", type=int, default=None, metavar="N", help="understanding scenes (default: --n)")
+    s.add_argument("--scenes", type=int, default=None, metavar="N",
+                   help="understanding scenes (None: as many as --n)")
     s.add_argument("--seed", type=int, default=DEFAULT_EVAL_SEED, metavar="S",
                    help="seed of the evaluation prompts, image seeds and scenes (separate from training streams)")
     s.add_argument("--out", default="shapes-eval", metavar="DIR", help="output folder")
     s.add_argument("--size", type=int, default=world.DEFAULT_SIZE, metavar="PX", help="image side (multiple of 16)")
     s.add_argument("--images-per-prompt", type=int, default=1, metavar="K", help="images per prompt (GenEval: 4)")
     s.add_argument("--num-iter", type=int, default=16, metavar="N", help="MAR iterations")
-    s.add_argument("--num-steps", type=int, default=None, metavar="N", help="diffusion steps (default: the model's)")
+    s.add_argument("--num-steps", type=int, default=None, metavar="N", help="diffusion steps (None: the model's)")
     s.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
     s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     s.add_argument("--batch-size", type=int, default=8, metavar="B", help="images generated at once")
