@@ -596,7 +596,7 @@ def _generate(todo, records, folder, summary: BatchSummary, emit, settings, shar
                         "harmon_version": __version__, "software": f"harmon {__version__}",
                         "index": it.index, "sample": it.k}
                 text["parameters"] = json.dumps(text, sort_keys=True)
-                write_atomic(it.png, _png_bytes(images[it.number], text))
+                write_atomic(it.png, png_bytes(images[it.number], text))
                 meta = {"index": it.index, "sample": it.k, "seed": it.seed, "prompt": prompt,
                         "file": os.path.relpath(it.png, it.meta.parent), "metadata": records[it.index].record,
                         "settings": settings, "model_path": model_path, "harmon_version": __version__,
@@ -609,7 +609,8 @@ def _generate(todo, records, folder, summary: BatchSummary, emit, settings, shar
         bar.close()
 
 
-def _png_bytes(image, text: Mapping[str, Any]) -> bytes:
+def png_bytes(image, text: Mapping[str, Any]) -> bytes:
+    """The PNG encoding of ``image`` with ``text`` as text chunks (metadata readable by any PNG tool)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()

@@ -60,6 +60,19 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default: auto = bfloat16 on cuda, float32 elsewhere)")
 
 
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    """The text-to-image settings shared by ``generate`` and ``batch`` (defaults are the original's)."""
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 disables it)")
+    p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant", help="guidance schedule")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--num-iter", type=int, default=64, metavar="N", help="MAR iterations")
+    p.add_argument("--num-steps", type=int, default=None, metavar="N",
+                   help="diffusion steps per token (default: the model's, 100 for the released models)")
+    p.add_argument("--size", type=int, default=512, metavar="PX", help="square image side (multiple of 16)")
+    p.add_argument("--height", type=int, default=None, metavar="H", help="image height (overrides --size)")
+    p.add_argument("--width", type=int, default=None, metavar="W", help="image width (overrides --size)")
+
+
 def _add_decode_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
     g.add_argument("--max-new-tokens", type=int, default=1024, metavar="N",
@@ -101,26 +114,6 @@ def _check_understanding_inputs(args: argparse.Namespace, folder: Path):
     if args.image_size < stride or args.image_size % stride:
         raise UserError(f"--image-size must be a positive multiple of {stride}, got {args.image_size}")
     return image
-
-
-def _write_png_atomic(image, path: Path, text: dict[str, str]) -> None:
-    """Save ``image`` as PNG with text chunks: a temporary file in the same folder, then ``os.replace``."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for key, value in text.items():
-        info.add_text(key, str(value))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG", pnginfo=info)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -169,6 +162,7 @@ def _output_paths(args: argparse.Namespace, seeds: list[int]) -> tuple[list[Path
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Text to image(s): one PNG per image, seeds S, S+1, ..., settings in the PNG text chunks."""
+    from .batch import png_bytes, write_atomic
     from .checkpoint import read_config
     from .pipelines import TextToImagePipeline
     from .processing import check_image_size
@@ -204,13 +198,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     "model": model.config.name, "model_path": str(folder), "dtype": str(model.dtype).split(".")[-1],
                     "harmon_version": _version(), "software": f"harmon {_version()}"}
             meta["parameters"] = json.dumps(meta, sort_keys=True)
-            _write_png_atomic(image, path, meta)
+            write_atomic(path, png_bytes(image, meta))
             images.append(image)
             print(path, flush=True)
     if grid_path is not None:
-        _write_png_atomic(make_grid(images), grid_path,
+        write_atomic(grid_path, png_bytes(make_grid(images),
                           {"prompt": prompt, "seeds": ",".join(map(str, seeds)), "model": model.config.name,
-                           "harmon_version": _version(), "software": f"harmon {_version()}"})
+                           "harmon_version": _version(), "software": f"harmon {_version()}"}))
         print(grid_path, flush=True)
     return 0
 
@@ -478,15 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--out-dir", metavar="DIR", default=".", help="folder for PROMPT_SEED.png files")
     p.add_argument("--num-images", type=int, default=1, metavar="N", help="how many images")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the first image (default: random)")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 disables it)")
-    p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant", help="guidance schedule")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--num-iter", type=int, default=64, metavar="N", help="MAR iterations")
-    p.add_argument("--num-steps", type=int, default=None, metavar="N",
-                   help="diffusion steps per token (default: the model's, 100 for the released models)")
-    p.add_argument("--size", type=int, default=512, metavar="PX", help="square image side (multiple of 16)")
-    p.add_argument("--height", type=int, default=None, metavar="H", help="image height (overrides --size)")
-    p.add_argument("--width", type=int, default=None, metavar="W", help="image width (overrides --size)")
+    _add_generation_options(p)
     p.add_argument("--grid", action="store_true", help="also write one grid image of all outputs")
     p.add_argument("--batch-size", type=int, default=4, metavar="B", help="images generated at once")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -507,15 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=1, metavar="K", help="images per prompt")
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seed of image 0 of prompt 0; image k of prompt i gets S + i*K + k (default: 0)")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 disables it)")
-    p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant", help="guidance schedule")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--num-iter", type=int, default=64, metavar="N", help="MAR iterations")
-    p.add_argument("--num-steps", type=int, default=None, metavar="N",
-                   help="diffusion steps per token (default: the model's, 100 for the released models)")
-    p.add_argument("--size", type=int, default=512, metavar="PX", help="square image side (multiple of 16)")
-    p.add_argument("--height", type=int, default=None, metavar="H", help="image height (overrides --size)")
-    p.add_argument("--width", type=int, default=None, metavar="W", help="image width (overrides --size)")
+    _add_generation_options(p)
     p.add_argument("--batch-size", type=int, default=4, metavar="B",
                    help="images generated at once (not a setting of the run: may change when resuming)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
