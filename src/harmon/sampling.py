@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, Protocol
+from typing import Callable, Literal, Protocol, Sequence
 
 import numpy as np
 import torch
+
+from transformers import DynamicCache
 
 from .models.harmon import Harmon, crop_cache
 
@@ -56,17 +58,51 @@ def cfg_at_step(cfg: float, schedule: Literal["constant", "linear"], seq_len: in
     raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {schedule!r}")
 
 
+def prefill_shared(model: Harmon, input_ids: torch.Tensor) -> DynamicCache:
+    """KV cache of the prompts, running each distinct row once (the unconditional prompt repeats B times)."""
+    unique, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
+    if unique.shape[0] == input_ids.shape[0]:
+        return model.prefill(input_ids)
+    cache = model.prefill(unique)
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[inverse], layer.values[inverse]
+    return cache
+
+
+def steps_schedule(num_steps: str | int | Sequence[int | str] | None, num_iter: int) -> list[str | None]:
+    """Diffusion steps for each MAR iteration: one value for all, or one per iteration (e.g. annealed)."""
+    if num_steps is None or isinstance(num_steps, (str, int)):
+        return [None if num_steps is None else str(num_steps)] * num_iter
+    steps = [str(s) for s in num_steps]
+    if len(steps) != num_iter:
+        raise ValueError(f"{len(steps)} diffusion step counts for {num_iter} MAR iterations")
+    return steps
+
+
+def annealed_steps(start: int, end: int, num_iter: int) -> list[int]:
+    """Diffusion steps falling linearly from ``start`` (first iteration) to ``end`` (last), as in DiSA."""
+    if num_iter == 1:
+        return [end]
+    return [round(start + (end - start) * k / (num_iter - 1)) for k in range(num_iter)]
+
+
 @torch.no_grad()
 def generate_latents(model: Harmon, input_ids: torch.Tensor, attention_mask: torch.Tensor, rng: TokenRNG, *,
                      image_shape: tuple[int, int], num_iter: int = 64, cfg: float = 3.0,
                      cfg_schedule: Literal["constant", "linear"] = "constant", temperature: float = 1.0,
-                     num_steps: str | int | None = None,
+                     num_steps: str | int | Sequence[int | str] | None = None,
+                     known_tokens: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
                      callback: Callable[[StepInfo], None] | None = None) -> torch.Tensor:
     """Generate latent tokens (B, h, w, C) for B prompts.
 
     input_ids / attention_mask: right-padded chat prompts; with ``cfg != 1`` they
     hold B conditional rows followed by B unconditional rows (2B in all).
-    ``num_steps`` overrides the diffusion head's configured sampling steps.
+    ``num_steps`` overrides the diffusion head's configured sampling steps, with
+    one value or one per MAR iteration. ``known_tokens`` (B, h, w, C) with
+    ``known_mask`` (B, h*w) bool, True = known, give tokens that are kept as they
+    are (inpainting, outpainting, variations): only the others are generated, in
+    the same loop, with the mask schedule over the unknown tokens. Every image
+    must have the same number of unknown tokens.
     """
     guided = cfg != 1.0
     rows = input_ids.shape[0]
@@ -79,38 +115,50 @@ def generate_latents(model: Harmon, input_ids: torch.Tensor, attention_mask: tor
     seq_len, c = h * w, model.token_dim
     device, dtype = model.device, model.dtype
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    steps = steps_schedule(num_steps, num_iter)
 
-    orders = rng.orders(b, seq_len, guided).to(device)             # (B, L)
+    orders = rng.orders(b, seq_len, guided).to(device)               # (B, L)
     tokens = torch.zeros(b, seq_len, c, device=device, dtype=dtype)  # (B, L, C)
     mask = torch.ones(b, seq_len, device=device)                     # float32, 1 = still to generate
+    if known_mask is not None:
+        known_mask = known_mask.to(device=device, dtype=torch.bool).reshape(b, seq_len)
+        unknown = (~known_mask).sum(dim=1)
+        if not bool((unknown == unknown[0]).all()) or int(unknown[0]) == 0:
+            raise ValueError("every image needs the same, non-zero number of tokens to generate")
+        tokens[known_mask] = known_tokens.to(device=device, dtype=dtype).reshape(b, seq_len, c)[known_mask]
+        mask[known_mask] = 0.0
+        # unknown positions first, each image keeping its random order among them
+        orders = torch.gather(orders, 1, torch.argsort(known_mask.gather(1, orders).to(torch.int8), dim=1,
+                                                       stable=True))
+    to_generate = int(mask[0].sum())
     prefix_len = input_ids.shape[1]
-    cache = model.prefill(input_ids)
+    cache = prefill_shared(model, input_ids)
     pair = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
 
+    masked = to_generate  # tracked on the host: no device synchronisation per step
     for step in range(num_iter):
         x_enc, z_enc = model.extract_visual_feature(tokens.view(b, h, w, c), mask)
         x_enc = model.llm_residual(pair(x_enc), pair(z_enc), attention_mask, cache=cache)
         crop_cache(cache, prefix_len)
         z = model.mar.forward_mae_decoder(x_enc, pair(mask), image_shape=(h, w))  # (rows, L, D_dec)
 
-        mask_len = next_mask_len(seq_len, step, num_iter, int(mask[0].sum()))
+        mask_len = next_mask_len(to_generate, step, num_iter, masked)
         mask_next = torch.zeros_like(mask).scatter_(1, orders[:, :mask_len], 1.0)
         if step == num_iter - 1:
-            to_pred = mask.bool()
+            to_pred, per_image = mask.bool(), masked
         else:
-            to_pred = mask.bool() & ~mask_next.bool()
+            to_pred, per_image = mask.bool() & ~mask_next.bool(), masked - mask_len
         z_pred = z[:b][to_pred]
         if guided:
             z_pred = torch.cat([z_pred, z[b:][to_pred]])
-        per_image = int(to_pred[0].sum())
-        cfg_iter = cfg_at_step(cfg, cfg_schedule, seq_len, mask_len)
+        cfg_iter = cfg_at_step(cfg, cfg_schedule, to_generate, mask_len)
         # the diffusion state stays float32 whatever the model's dtype
         x_T = rng.start_noise(b, per_image, c, guided).to(device=device, dtype=torch.float32)
         sampled = model.mar.diffloss.sample(
             z_pred, x_T, lambda: rng.step_noise(b, per_image, c, guided).to(device=device, dtype=torch.float32),
-            temperature=temperature, cfg=cfg_iter, num_steps=num_steps)
+            temperature=temperature, cfg=cfg_iter, num_steps=steps[step])
         tokens[to_pred] = sampled.to(dtype)
-        mask = mask_next
+        mask, masked = mask_next, mask_len
         if callback is not None:
             callback(StepInfo(step, num_iter, to_pred, mask_len, cfg_iter, z_pred, sampled, tokens))
     return tokens.view(b, h, w, c)
