@@ -134,3 +134,14 @@ def test_unreadable_images_are_named(i2t, tmp_path):
     broken.write_bytes(b"\xff\xd8 not really a jpeg")
     with pytest.raises(ValueError, match="broken.jpg"):
         i2t(broken, "What?")
+
+
+def test_fast_mode_and_step_schedules(t2i):
+    fast = t2i("a red circle", seeds=[1], fast=True, height=64, progress=False)
+    assert fast.settings["num_iter"] == 32 and fast.settings["fast"] is True
+    steps = fast.settings["num_steps"].split(",")
+    assert len(steps) == 32 and steps[0] == "50" and steps[-1] == "5"
+    listed = t2i("a red circle", seeds=[1], num_iter=3, num_steps=[4, 3, 2], height=64, progress=False)
+    assert listed.settings["num_steps"] == "4,3,2"
+    with pytest.raises(ValueError, match="3 diffusion step counts for 2"):
+        t2i("a red circle", seeds=[1], num_iter=2, num_steps=[4, 3, 2], height=64, progress=False)

@@ -13,7 +13,20 @@ from ..models.harmon import Harmon
 from ..processing import (GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt, check_image_size, tensor_to_pil,
                           tokenize_prompts)
 from ..rng import ReferenceRNG, SeededRNG
-from ..sampling import StepInfo, generate_latents
+from ..sampling import StepInfo, annealed_steps, generate_latents
+
+# The fast mode: half the MAR iterations, and diffusion steps annealed from 50 (first
+# iteration) to 5 (last), as DiSA does for Harmon. Off by default.
+FAST_NUM_ITER = 32
+FAST_STEPS = (50, 5)
+
+
+def _describe_steps(num_steps, default: str) -> str:
+    if num_steps is None:
+        return str(default)
+    if isinstance(num_steps, (int, str)):
+        return str(num_steps)
+    return ",".join(map(str, num_steps))
 
 
 @dataclass
@@ -59,7 +72,8 @@ class TextToImagePipeline:
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str], *, num_images_per_prompt: int = 1, guidance_scale: float = 3.0,
                  cfg_schedule: Literal["constant", "linear"] = "constant", temperature: float = 1.0,
-                 num_iter: int = 64, num_steps: int | str | None = None, height: int = 512, width: int | None = None,
+                 num_iter: int | None = None, num_steps: int | str | Sequence[int] | None = None, fast: bool = False,
+                 height: int = 512, width: int | None = None,
                  generator: torch.Generator | Sequence[torch.Generator] | None = None,
                  seeds: Sequence[int] | None = None, rng: ReferenceRNG | None = None, progress: bool = True,
                  output_type: Literal["pil", "pt"] = "pil") -> TextToImageOutput:
@@ -69,8 +83,15 @@ class TextToImagePipeline:
         the original's stream), ``seeds`` (one int per image), ``generator`` (one per
         image, or one from which per-image seeds are drawn), else fresh random seeds.
         Either way each image depends only on its own seed, not on the batch.
+        ``num_steps`` may list one diffusion step count per MAR iteration; ``fast``
+        selects the fast mode (32 iterations, steps annealed 50 -> 5) for whatever
+        of ``num_iter`` / ``num_steps`` is not given.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if num_iter is None:
+            num_iter = FAST_NUM_ITER if fast else 64
+        if num_steps is None and fast:
+            num_steps = annealed_steps(*FAST_STEPS, num_iter)
         width = height if width is None else width
         self._validate(prompts, num_images_per_prompt, guidance_scale, temperature, num_iter, num_steps)
         grid = check_image_size(height, width, self.model.config.mar.vae_stride)
@@ -99,7 +120,8 @@ class TextToImagePipeline:
             bar.close()
         images = self.model.decode(tokens)
         settings = {"guidance_scale": guidance_scale, "cfg_schedule": cfg_schedule, "temperature": temperature,
-                    "num_iter": num_iter, "num_steps": str(num_steps or self.model.config.mar.num_sampling_steps),
+                    "num_iter": num_iter, "fast": fast,
+                    "num_steps": _describe_steps(num_steps, self.model.config.mar.num_sampling_steps),
                     "height": height, "width": width, "model": self.model.config.name}
         return TextToImageOutput(tensor_to_pil(images) if output_type == "pil" else images, used_seeds, per_image,
                                  settings)
@@ -118,8 +140,12 @@ class TextToImagePipeline:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not isinstance(num_iter, int) or num_iter < 1:
             raise ValueError(f"num_iter must be a positive integer, got {num_iter!r}")
-        if num_steps is not None and not (str(num_steps).isdigit() and 1 <= int(num_steps) <= 1000):
-            raise ValueError(f"num_steps must be an integer in 1..1000, got {num_steps!r}")
+        values = [] if num_steps is None else [num_steps] if isinstance(num_steps, (int, str)) else list(num_steps)
+        for value in values:
+            if not (str(value).isdigit() and 1 <= int(value) <= 1000):
+                raise ValueError(f"num_steps must be integers in 1..1000, got {num_steps!r}")
+        if len(values) > 1 and len(values) != num_iter:
+            raise ValueError(f"{len(values)} diffusion step counts for {num_iter} MAR iterations")
 
     def _check_length(self, prompt_tokens: int, grid: tuple[int, int]) -> None:
         limit = int(self.model.llm.config.max_position_embeddings)
