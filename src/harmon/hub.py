@@ -1,8 +1,9 @@
 """Finding a model folder, its tokenizer, and the device and dtype to run it on.
 
-Everything here works offline: a model is a local folder (written by
-``harmon convert`` or :func:`harmon.checkpoint.save_model`), or a Hugging Face
-repo id that is already in the local Hugging Face cache.
+A model is a local folder (written by ``harmon convert`` or
+:func:`harmon.checkpoint.save_model`), or a Hugging Face repo id: taken from the
+local Hugging Face cache, else downloaded where the hub can be reached; offline,
+the error says what to download and where to put it.
 """
 from __future__ import annotations
 
@@ -47,10 +48,19 @@ def resolve_model_folder(name_or_path: PathLike) -> Path:
         if snapshot_download is not None:
             try:
                 return Path(snapshot_download(text, local_files_only=True))
-            except Exception:  # not in the local cache (LocalEntryNotFoundError, ...); never go online here
+            except Exception:  # not in the local cache (LocalEntryNotFoundError, ...)
                 pass
+            if not os.environ.get("HF_HUB_OFFLINE"):
+                try:  # online where the hub can be reached; fails fast where it cannot
+                    return Path(snapshot_download(text, etag_timeout=10))
+                except Exception as err:
+                    reason = f" (download failed: {type(err).__name__})"
+            else:
+                reason = " (HF_HUB_OFFLINE is set)"
+        else:
+            reason = " (huggingface_hub is not installed)"
         raise CheckpointError(
-            f"model {text!r} is neither a local folder nor in the local Hugging Face cache: download it "
+            f"model {text!r} is neither a local folder nor in the local Hugging Face cache{reason}: download it "
             f"first (`huggingface-cli download {text} --local-dir MODEL_DIR`, then --model MODEL_DIR), or "
             + HOW_TO_GET_A_MODEL)
     raise CheckpointError(f"model folder not found: {path}. To get one, " + HOW_TO_GET_A_MODEL)

@@ -1,0 +1,103 @@
+"""The model's side of the server: jobs that run on the worker thread (text to image, chat about an image)."""
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ..batch import png_bytes
+from ..pipelines import ChatSession, ImageToTextPipeline, TextToImagePipeline
+from ..processing import GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt, check_image_size, tensor_to_pil, \
+    tokenize_prompts
+from ..sampling import StepInfo, generate_latents
+from .inputs import ChatParams, GenerationParams
+from .worker import Job
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+class Engine:
+    """The loaded model with its pipelines; every method here runs on the worker thread only."""
+
+    def __init__(self, model, tokenizer, model_path: str | Path, image_size: int = 512):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_path = str(model_path)
+        self.name = str(model.config.name)
+        self.stride = int(model.config.mar.vae_stride)
+        self.text_to_image = TextToImagePipeline(model, tokenizer)
+        self.image_to_text = ImageToTextPipeline(model, tokenizer, image_size=image_size)
+
+    # -- text to image ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, p: GenerationParams, job: Job) -> list[dict[str, Any]]:
+        """Images for one prompt, with a ``progress`` event after every MAR iteration.
+
+        The same steps as :class:`TextToImagePipeline` (its checks, seeds and prompts), with
+        ``generate_latents``'s per-iteration callback reporting progress and stopping a
+        cancelled job; a seed gives the same image as ``harmon generate --seed``.
+        """
+        pipe = self.text_to_image
+        pipe._validate([p.prompt], p.n, p.guidance_scale, p.temperature, p.num_iter, p.num_steps)
+        grid = check_image_size(p.height, p.width, self.stride)
+        start = p.seed if p.seed is not None else secrets.randbits(31)
+        seeds = [start + k for k in range(p.n)]
+        rng, _ = pipe._seeded_rng(p.n, None, seeds)
+        texts = [chat_prompt(GENERATION_PREFIX + p.prompt)] * p.n
+        if p.guidance_scale != 1.0:
+            texts += [chat_prompt(UNCONDITIONAL_PROMPT)] * p.n
+        input_ids, attention_mask = tokenize_prompts(self.tokenizer, texts, pipe.pad_id)
+        pipe._check_length(input_ids.shape[1], grid)
+
+        def on_step(info: StepInfo) -> None:
+            job.emit("progress", {"step": info.step + 1, "total": info.num_iter})
+
+        tokens = generate_latents(self.model, input_ids, attention_mask, rng, image_shape=grid, num_iter=p.num_iter,
+                                  cfg=p.guidance_scale, temperature=p.temperature, num_steps=p.num_steps,
+                                  callback=on_step)
+        images = tensor_to_pil(self.model.decode(tokens))
+        num_steps = str(p.num_steps or self.model.config.mar.num_sampling_steps)
+        out = []
+        for image, seed in zip(images, seeds):
+            meta = {"prompt": p.prompt, "seed": seed, "cfg": p.guidance_scale, "cfg_schedule": "constant",
+                    "temperature": p.temperature, "num_iter": p.num_iter, "num_steps": num_steps,
+                    "height": p.height, "width": p.width, "model": self.name, "model_path": self.model_path,
+                    "dtype": str(self.model.dtype).split(".")[-1], "harmon_version": _version(),
+                    "software": f"harmon {_version()}"}
+            meta["parameters"] = json.dumps(meta, sort_keys=True)
+            out.append({"png": png_bytes(image, meta), "seed": seed, "metadata": meta})
+        return out
+
+    # -- image understanding ---------------------------------------------------------------------
+    @torch.no_grad()
+    def chat(self, p: ChatParams, job: Job) -> dict[str, Any]:
+        """Answer the last question of a conversation about one image, with a ``text`` event per piece."""
+        session = ChatSession(self.image_to_text, p.image)
+        session.history = list(p.history)
+        embeds = self.image_to_text.prompt_embeds(session.conversation(p.question), session.image_embeds)
+        decode: dict[str, Any] = {"max_new_tokens": p.max_new_tokens}
+        if p.temperature:  # absent or 0: greedy, as OpenAI's temperature 0 and the original's default
+            seed = p.seed if p.seed is not None else secrets.randbits(62)
+            decode.update(do_sample=True, temperature=p.temperature, top_p=p.top_p,
+                          generator=torch.Generator().manual_seed(seed))
+        count = 0
+
+        def counted(ids: Iterator[int]) -> Iterator[int]:
+            nonlocal count
+            for token in ids:
+                count += 1
+                yield token
+
+        pieces = []
+        for piece in self.image_to_text._decode_text(counted(self.image_to_text.generate_ids(embeds, **decode))):
+            pieces.append(piece)
+            job.emit("text", piece)
+        return {"text": "".join(pieces), "prompt_tokens": int(embeds.shape[1]), "completion_tokens": count,
+                "finish_reason": "length" if count >= p.max_new_tokens else "stop"}
