@@ -272,6 +272,48 @@ def cmd_chat(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
 
+# -- serve ------------------------------------------------------------------------------------------
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Web page + OpenAI-style HTTP API (images/generations, chat/completions) in front of one model worker."""
+    from .checkpoint import read_config
+
+    try:
+        from .server import Engine, ServerSettings, serve
+    except ImportError as err:
+        raise UserError(f"the server needs extra packages ({err.name} is missing): pip install 'harmon[serve]'")
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get("HARMON_API_KEY") or None
+    for name in ("queue_size", "max_images", "max_new_tokens", "max_upload_mb"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port must be in 1..65535, got {args.port}")
+    folder = _model_folder(args)
+    stride = read_config(folder).mar.vae_stride
+    for name in ("size", "max_size", "image_size"):
+        value = getattr(args, name)
+        if value < stride or value % stride:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive multiple of {stride}, got {value}")
+    if args.size > args.max_size:
+        raise UserError(f"--size {args.size} is larger than --max-size {args.max_size}")
+    if args.host not in LOOPBACK_HOSTS and not api_key:
+        print(f"harmon: warning: serving on {args.host} without an API key: anyone who can reach it can use it",
+              file=sys.stderr)
+    settings = ServerSettings(api_key=api_key, queue_size=args.queue_size, size=args.size, max_size=args.max_size,
+                              num_iter=args.num_iter, num_steps=args.num_steps, max_images=args.max_images,
+                              image_size=args.image_size, max_new_tokens=args.max_new_tokens,
+                              max_upload_bytes=args.max_upload_mb * 1024 * 1024)
+    model, tokenizer = _load(args, folder)
+    engine = Engine(model, tokenizer, folder, image_size=args.image_size)
+    print(f"harmon: serving {model.config.name} on http://{args.host}:{args.port}/ "
+          f"(API key {'required' if api_key else 'not required'})", file=sys.stderr, flush=True)
+    serve(engine, settings, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 # -- info -------------------------------------------------------------------------------------------
 PARTS = ("vae", "llm", "mar", "proj_in", "proj_out")
 _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I64": "int64",
@@ -515,6 +557,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     _add_decode_options(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="web page + OpenAI-style HTTP API for generation and chat",
+                       description="Serve a web page (text to image with live progress; chat about an uploaded "
+                       "image, streamed) and an HTTP JSON API following OpenAI's conventions: POST "
+                       "/v1/images/generations and POST /v1/chat/completions (\"stream\": true for server-sent "
+                       "events). One model worker runs requests in order; requests beyond --queue-size waiting "
+                       "ones get 429.", formatter_class=fmt)
+    _add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $HARMON_API_KEY, else none)")
+    p.add_argument("--queue-size", type=int, default=8, metavar="N", help="requests that may wait for the model")
+    p.add_argument("--size", type=int, default=512, metavar="PX", help="default image side for generation")
+    p.add_argument("--max-size", type=int, default=1024, metavar="PX", help="largest image side a request may ask")
+    p.add_argument("--num-iter", type=int, default=64, metavar="N", help="default MAR iterations")
+    p.add_argument("--num-steps", type=int, default=None, metavar="N",
+                   help="default diffusion steps per token (default: the model's)")
+    p.add_argument("--max-images", type=int, default=4, metavar="N", help="most images per request")
+    p.add_argument("--image-size", type=int, default=512, metavar="PX", help="understanding: side images are resized to")
+    p.add_argument("--max-new-tokens", type=int, default=1024, metavar="N", help="most tokens an answer may have")
+    p.add_argument("--max-upload-mb", type=int, default=10, metavar="MB", help="largest uploaded image")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="server log level")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="show what a model folder holds (without loading it)",
                        description="Config name, layout, parameters per part, stored dtype and tokenizer of a "

@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..processing import load_image
@@ -277,5 +277,8 @@ def decode_image_url(url: str, s: ServerSettings) -> Image.Image:
         return load_image(image)
     except ApiError:
         raise
+    except UnidentifiedImageError:
+        raise ApiError(400, "the data is not an image in a known format (PNG, JPEG, WebP, ...)", param="messages",
+                       code="invalid_image") from None
     except Exception as err:  # PIL raises many kinds of errors for bad files
         raise ApiError(400, f"cannot read the image: {err}", param="messages", code="invalid_image") from None

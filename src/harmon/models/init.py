@@ -1,0 +1,80 @@
+"""Fresh weights for training from nothing, drawn only from a caller's ``torch.Generator``.
+
+The schemes of the original parts: MAR (xavier-uniform linears, zero biases,
+unit LayerNorms, N(0, 0.02) position embeddings, mask token, buffer latent and
+class table), its diffusion head (DiT style: adaLN modulations and the output
+layer start at zero, so every block starts as the identity), the Qwen2 LLM
+(N(0, initializer_range) linears and embeddings, unit RMSNorms), projections
+like MAR's linears, and the VAE with PyTorch's default convolution scheme.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .diffusion_head import FinalLayer, ResBlock, SimpleMLPAdaLN
+from .harmon import Harmon
+
+
+@torch.no_grad()
+def init_weights(model: Harmon, generator: torch.Generator) -> Harmon:
+    """Re-initialise every parameter of ``model`` in place (deterministic for a given generator)."""
+    init_mar(model.mar, generator)
+    std = float(model.llm.config.initializer_range)
+    for module in model.llm.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(0.0, std, generator=generator)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif hasattr(module, "variance_epsilon"):  # RMSNorm
+            module.weight.fill_(1.0)
+    for proj in (model.proj_in, model.proj_out):
+        _init_linears(proj, generator)
+    for module in model.vae.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+            bound = 1 / math.sqrt(module.weight[0].numel())
+            module.bias.uniform_(-bound, bound, generator=generator)
+        elif isinstance(module, nn.GroupNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+    return model
+
+
+@torch.no_grad()
+def init_mar(mar: nn.Module, generator: torch.Generator) -> None:
+    """MAR's own initialisation, then the diffusion head's (see :func:`init_diffusion_head`)."""
+    _init_linears(mar, generator)
+    for name in ("encoder_pos_embed_learned", "decoder_pos_embed_learned", "diffusion_pos_embed_learned",
+                 "mask_token", "fake_latent"):
+        getattr(mar, name).normal_(0.0, 0.02, generator=generator)
+    mar.class_emb.weight.normal_(0.0, 0.02, generator=generator)
+    init_diffusion_head(mar.diffloss.net, generator)
+
+
+@torch.no_grad()
+def init_diffusion_head(net: SimpleMLPAdaLN, generator: torch.Generator) -> None:
+    """Xavier linears, N(0, 0.02) timestep MLP, zero adaLN modulations and zero output layer."""
+    _init_linears(net, generator)
+    for layer in net.time_embed.mlp:
+        if isinstance(layer, nn.Linear):
+            layer.weight.normal_(0.0, 0.02, generator=generator)
+    for module in net.modules():
+        if isinstance(module, (ResBlock, FinalLayer)):
+            module.adaLN_modulation[-1].weight.zero_()
+            module.adaLN_modulation[-1].bias.zero_()
+    net.final_layer.linear.weight.zero_()
+    net.final_layer.linear.bias.zero_()
+
+
+def _init_linears(root: nn.Module, generator: torch.Generator) -> None:
+    for module in root.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight, generator=generator)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+            module.weight.fill_(1.0)
+            module.bias.zero_()
