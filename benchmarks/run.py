@@ -238,7 +238,8 @@ def install_timers(model, timers: Timers) -> None:
 
     net = model.mar.diffloss.net
     head_w = linear_weights(net)
-    timers.hook(net, lambda a, k: "diffusion_head", lambda a, k, out: 2 * head_w * out.shape[0])
+    # forward_with_cfg calls self.forward directly (no hooks fire), so the method itself is wrapped
+    timers.wrap(net, "forward", "diffusion_head", lambda a, k, out: 2 * head_w * out.shape[0])
     timers.wrap(model.mar.diffloss, "sample", "_diffusion_sample_total", lambda a, k, out: 0.0)
 
     # VAE: conv FLOPs 2*Cout*(Cin/groups)*kh*kw*Hout*Wout per image, counted while the VAE runs
@@ -356,7 +357,8 @@ def run_worker(spec: dict) -> dict:
     timers.enabled = False
     t0 = time.perf_counter()
     generate_latents(model, ids, amask, SeededRNG.from_seeds([0]), image_shape=(h, w), num_iter=1, cfg=CFG,
-                     num_steps="1")  # warm-up of every kernel shape family except the VAE
+                     num_steps="2")  # warm-up (num_steps="1" raises IndexError in diffusion.py)
+    # of every kernel shape family except the VAE
     res["warmup_s"] = time.perf_counter() - t0
     timers.enabled = True
     timers.reset()
