@@ -63,16 +63,39 @@ def read_torch_file(path: PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
-def read_safetensors(path: PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a ``.safetensors`` file (memory-mapped, CPU)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # SafetensorError for truncated or corrupt files
-        raise CheckpointError(f"cannot read {path} as safetensors: {err}") from err
+class SafetensorsFile(Mapping[str, torch.Tensor]):
+    """A ``.safetensors`` file as a read-only mapping whose tensors are read one at a time, on access.
+
+    Loading through it never holds the whole file in memory next to the model.
+    """
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"weights file not found: {self.path}")
+        try:
+            self._file = safe_open(str(self.path), framework="pt")
+            self._keys = list(self._file.keys())
+        except Exception as err:  # SafetensorError for truncated or corrupt files
+            raise CheckpointError(f"cannot read {self.path} as safetensors: {err}") from err
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        try:
+            return self._file.get_tensor(key)
+        except Exception as err:
+            raise CheckpointError(f"cannot read tensor {key} from {self.path}: {err}") from err
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The tensor's shape, from the file header (nothing is read)."""
+        return tuple(self._file.get_slice(key).get_shape())
 
 
 # -- building and strict loading ----------------------------------------------------------------
@@ -96,26 +119,34 @@ def load_state_dict(config: HarmonConfig, state_dict: Mapping[str, torch.Tensor]
     """
     model = build_empty(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    given = dict(state_dict)
+    shape_of = state_dict.shape if isinstance(state_dict, SafetensorsFile) else \
+        (lambda key: tuple(state_dict[key].shape))
+    names = {k: k for k in state_dict}  # model key -> key in state_dict
     tied = bool(config.llm.get("tie_word_embeddings", False))
     if tied:
         # one tensor serves both keys; a checkpoint may hold either key or both (then equal)
-        if TIED_KEY in given and EMBED_KEY in given and not torch.equal(given[TIED_KEY], given[EMBED_KEY]):
+        if TIED_KEY in names and EMBED_KEY in names and not torch.equal(state_dict[TIED_KEY], state_dict[EMBED_KEY]):
             raise CheckpointError(f"{EMBED_KEY} and {TIED_KEY} differ, but the config ties them "
                                   "(tie_word_embeddings=True)")
-        embed, head = given.pop(EMBED_KEY, None), given.pop(TIED_KEY, None)
-        shared = embed if embed is not None else head
-        if shared is not None:
-            given[EMBED_KEY] = given[TIED_KEY] = shared
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(given) if tuple(given[k].shape) != expected[k])
+        source = EMBED_KEY if EMBED_KEY in names else TIED_KEY if TIED_KEY in names else None
+        names.pop(EMBED_KEY, None)
+        names.pop(TIED_KEY, None)
+        if source is not None:
+            names[EMBED_KEY] = names[TIED_KEY] = source
+    missing = sorted(set(expected) - set(names))
+    unexpected = sorted(set(names) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(names) if shape_of(names[k]) != expected[k])
     if missing or unexpected or wrong:
         raise CheckpointError(_mismatch_message(missing, unexpected,
-                                                [(k, tuple(given[k].shape), expected[k]) for k in wrong], config))
+                                                [(k, shape_of(names[k]), expected[k]) for k in wrong], config))
     device = torch.device(device)
-    converted = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-                 for k, v in given.items() if not (tied and k == TIED_KEY)}
+    converted = {}
+    for key, source in names.items():  # one tensor at a time: never two copies of the weights
+        if tied and key == TIED_KEY:
+            continue
+        tensor = state_dict[source]
+        converted[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        del tensor
     if tied:
         converted[TIED_KEY] = converted[EMBED_KEY]  # converted once, not twice
     model.load_state_dict(converted, strict=True, assign=True)
@@ -249,7 +280,7 @@ def load_model(folder: PathLike, *, device: str | torch.device = "cpu",
         raise CheckpointError(f"model folder not found: {folder}")
     config = read_config(folder)
     path = folder_weights_path(folder)
-    weights = read_safetensors(path) if path.suffix == ".safetensors" else read_torch_file(path)
+    weights = SafetensorsFile(path) if path.suffix == ".safetensors" else read_torch_file(path)
     return load_state_dict(config, weights, device=device, dtype=dtype)
 
 

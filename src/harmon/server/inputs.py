@@ -208,6 +208,8 @@ def chat_messages(req: ChatRequest, s: ServerSettings) -> tuple[str, list[tuple[
     if len(req.messages) > s.max_messages:
         raise ApiError(400, f"at most {s.max_messages} messages are allowed, got {len(req.messages)}",
                        param="messages")
+    if turns[-1].role != "user":
+        raise ApiError(400, "the last message must be the user's question", param="messages")
     image_url, texts = None, []
     for i, message in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"

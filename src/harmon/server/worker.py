@@ -110,9 +110,12 @@ class ModelWorker:
             self._thread.join(timeout)
             self._thread = None
 
-    def submit(self, fn: Callable[[Job], Any]) -> Job:
-        """Queue ``fn`` to run on the worker thread; raises :class:`QueueFullError` when the queue is full."""
-        job = Job(fn, asyncio.get_running_loop())
+    def submit(self, fn: Callable[[Job], Any], loop: asyncio.AbstractEventLoop | None = None) -> Job:
+        """Queue ``fn`` to run on the worker thread; raises :class:`QueueFullError` when the queue is full.
+
+        Its events go to ``loop`` (default: the running loop of the calling request handler).
+        """
+        job = Job(fn, loop or asyncio.get_running_loop())
         try:
             self._queue.put_nowait(job)
         except queue.Full:

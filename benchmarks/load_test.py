@@ -1,0 +1,275 @@
+"""Load test for `harmon serve`: concurrent clients on loopback for a bounded time.
+
+Either point it at a running server on this machine (``--url http://127.0.0.1:8000``) or let
+it start one (``--model DIR``; tiny settings by default). Each client loops over a mix of
+image generations, chat completions and streamed chat completions until ``--duration``
+seconds have passed. It reports completed requests, errors split into rejected (429, the
+queue was full: expected under overload) and failed (anything else: must be zero), latency
+percentiles of completed requests, and checks the server still answers afterwards.
+
+    .venv/bin/python benchmarks/load_test.py --model /tmp/tiny-model --clients 8 --duration 30
+
+Exit status 0 only when no accepted request failed and the server answered afterwards.
+Only loopback addresses are allowed: this never sends load anywhere else.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import io
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class Tally:
+    """What the clients saw, merged under a lock."""
+
+    completed: dict[str, int] = field(default_factory=dict)
+    rejected: int = 0
+    failed: int = 0
+    failures: list[str] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def ok(self, kind: str, seconds: float) -> None:
+        with self.lock:
+            self.completed[kind] = self.completed.get(kind, 0) + 1
+            self.latencies.append(seconds)
+
+    def reject(self) -> None:
+        with self.lock:
+            self.rejected += 1
+
+    def fail(self, why: str) -> None:
+        with self.lock:
+            self.failed += 1
+            if len(self.failures) < 10:
+                self.failures.append(why)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def sample_image_data_url() -> str:
+    """A small PNG as a data: URL (made without PIL so the script needs only the standard library)."""
+    import struct
+    import zlib
+
+    width = height = 32
+    rows = b"".join(b"\x00" + b"".join(bytes((x * 8 % 256, y * 8 % 256, 128)) for x in range(width))
+                    for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+class Client:
+    """One simulated user with its own keep-alive connection."""
+
+    def __init__(self, host: str, port: int, api_key: str | None, args: argparse.Namespace, tally: Tally, seed: int):
+        self.host, self.port, self.args, self.tally = host, port, args, tally
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.random = random.Random(seed)
+        self.conn: http.client.HTTPConnection | None = None
+        self.image_url = sample_image_data_url()
+
+    def request(self, path: str, body: dict) -> tuple[int, bytes]:
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.args.timeout)
+        try:
+            self.conn.request("POST", path, json.dumps(body), self.headers)
+            response = self.conn.getresponse()
+            return response.status, response.read()
+        except Exception:
+            self.conn.close()
+            self.conn = None
+            raise
+
+    def one(self) -> None:
+        kind = self.random.choice(["image", "chat", "chat_stream"])
+        if kind == "image":
+            path, body = "/v1/images/generations", {"prompt": f"a test pattern {self.random.randrange(1000)}",
+                                                   "seed": self.random.randrange(2**31)}
+        else:
+            path = "/v1/chat/completions"
+            body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is in the image?"},
+                                                              {"type": "image_url",
+                                                               "image_url": {"url": self.image_url}}]}],
+                    "max_tokens": self.args.max_tokens, "stream": kind == "chat_stream"}
+        start = time.perf_counter()
+        try:
+            status, raw = self.request(path, body)
+        except Exception as err:
+            self.tally.fail(f"{kind}: {type(err).__name__}: {err}")
+            return
+        elapsed = time.perf_counter() - start
+        if status == 429:
+            self.tally.reject()
+            time.sleep(0.05)
+            return
+        why = check_answer(kind, status, raw)
+        if why:
+            self.tally.fail(why)
+        else:
+            self.tally.ok(kind, elapsed)
+
+    def run(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            self.one()
+        if self.conn is not None:
+            self.conn.close()
+
+
+def check_answer(kind: str, status: int, raw: bytes) -> str | None:
+    """Why a response is not a correct answer, or None."""
+    if status != 200:
+        return f"{kind}: HTTP {status}: {raw[:200]!r}"
+    try:
+        if kind == "image":
+            png = base64.b64decode(json.loads(raw)["data"][0]["b64_json"])
+            return None if png.startswith(b"\x89PNG") else f"{kind}: not a PNG"
+        if kind == "chat":
+            json.loads(raw)["choices"][0]["message"]["content"]
+            return None
+        events = [line[6:] for line in raw.decode().split("\n") if line.startswith("data: ")]
+        if not events or events[-1] != "[DONE]" or any('"error"' in e for e in events):
+            return f"{kind}: bad event stream: {raw[-200:]!r}"
+        return None
+    except Exception as err:
+        return f"{kind}: bad body ({type(err).__name__}: {err}): {raw[:200]!r}"
+
+
+def get(host: str, port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def wait_healthy(host: str, port: int, timeout: float, process: subprocess.Popen | None = None) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            return False
+        try:
+            if get(host, port, "/health", timeout=2)[0] == 200:
+                return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
+    """`harmon serve` on a free loopback port, with small settings so the test measures the server."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "harmon.cli", "serve", "--model", args.model, "--host", "127.0.0.1",
+               "--port", str(port), "--queue-size", str(args.queue_size), "--size", str(args.size),
+               "--num-iter", str(args.num_iter), "--num-steps", str(args.num_steps),
+               "--image-size", str(args.image_size), "--device", args.device, "--log-level", "warning"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=sys.stderr)
+    if not wait_healthy("127.0.0.1", port, 180, process):
+        process.kill()
+        raise SystemExit("load_test: the server did not start")
+    return process, port
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a running server on loopback, e.g. http://127.0.0.1:8000")
+    where.add_argument("--model", help="start `harmon serve --model MODEL` for the test")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of load")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a request counts as failed")
+    p.add_argument("--max-tokens", type=int, default=16, help="max_tokens of chat requests")
+    p.add_argument("--api-key", default=os.environ.get("HARMON_API_KEY"), help="API key of the server")
+    g = p.add_argument_group("server started with --model")
+    g.add_argument("--queue-size", type=int, default=4)
+    g.add_argument("--size", type=int, default=64)
+    g.add_argument("--num-iter", type=int, default=2)
+    g.add_argument("--num-steps", type=int, default=2)
+    g.add_argument("--image-size", type=int, default=64)
+    g.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = p.parse_args(argv)
+
+    process = None
+    if args.url:
+        url = urlparse(args.url)
+        if url.hostname not in LOOPBACK:
+            p.error(f"only loopback servers may be load-tested, not {url.hostname}")
+        host, port = url.hostname, url.port or 80
+    else:
+        process, port = start_server(args)
+        host = "127.0.0.1"
+    try:
+        tally = Tally()
+        deadline = time.monotonic() + args.duration
+        started = time.perf_counter()
+        threads = [threading.Thread(target=Client(host, port, args.api_key, args, tally, k).run, args=(deadline,))
+                   for k in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - started
+        healthy = wait_healthy(host, port, 10)
+        after = Client(host, port, args.api_key, args, Tally(), 0)
+        status, raw = after.request("/v1/images/generations", {"prompt": "after the load", "seed": 0})
+        answers_after = healthy and check_answer("image", status, raw) is None
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(30)
+
+    ms = [1000 * s for s in tally.latencies]
+    report = {"clients": args.clients, "duration_s": round(wall, 2), "completed": sum(tally.completed.values()),
+              "completed_by_kind": tally.completed, "rejected_429": tally.rejected, "failed": tally.failed,
+              "throughput_rps": round(sum(tally.completed.values()) / wall, 2),
+              "latency_ms": {f"p{q}": None if percentile(ms, q) is None else round(percentile(ms, q), 1)
+                             for q in (50, 90, 99)},
+              "answers_after": answers_after, "failures": tally.failures}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        lat = report["latency_ms"]
+        print(f"{report['completed']} completed {tally.completed} in {report['duration_s']} s "
+              f"({report['throughput_rps']} req/s) by {args.clients} clients")
+        print(f"errors: {tally.rejected} rejected (429, queue full), {tally.failed} failed")
+        print(f"latency of completed: p50 {lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms")
+        print(f"server answers afterwards: {'yes' if answers_after else 'NO'}")
+        for why in tally.failures:
+            print(f"  failure: {why}")
+    return 0 if tally.failed == 0 and answers_after and report["completed"] > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,412 @@
+"""`harmon serve`: the JSON API over real HTTP, its limits, queue and API key, the CLI, the load test script,
+and the web page driven in a real headless Chromium (Debian's chromium + chromedriver, via selenium)."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.client
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+from harmon.server import Engine, ServerSettings, create_app  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(size=64, num_iter=2, num_steps=2, image_size=64, max_new_tokens=64)
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+# -- fixtures ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    import harmon.tokenizer
+    from harmon.checkpoint import load_model, save_model
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    save_model(load_model(REPO.parent / "shared/reference/tiny"), folder)
+    harmon.tokenizer.build_byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir) -> Engine:
+    from harmon.checkpoint import load_model
+    from harmon.hub import load_tokenizer
+
+    model = load_model(model_dir, dtype=torch.float32)
+    return Engine(model, load_tokenizer(model_dir, int(model.config.llm["vocab_size"])), model_dir, image_size=64)
+
+
+class Server:
+    """A uvicorn server on a free loopback port, in a thread of the test process."""
+
+    def __init__(self, app):
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+
+    def request(self, method: str, path: str, body=None, headers: dict | None = None) -> tuple[int, dict, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+            conn.request(method, path, data, {"Content-Type": "application/json", **(headers or {})})
+            response = conn.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            conn.close()
+
+    def post(self, path: str, body, **kw) -> tuple[int, dict]:
+        status, _, raw = self.request("POST", path, body, **kw)
+        return status, json.loads(raw) if raw and not raw.startswith(b"event") and not raw.startswith(b"data") \
+            else raw
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    s = Server(create_app(engine, ServerSettings(queue_size=2, max_upload_bytes=200_000,
+                                                 max_image_pixels=512 * 512, max_prompt_chars=300, **TINY)))
+    yield s
+    s.stop()
+
+
+def data_url(image: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def chat_body(url: str, *questions_answers: str, **extra) -> dict:
+    """A conversation: question, answer, question, ... with the image in the first question."""
+    messages = []
+    for k, text in enumerate(questions_answers):
+        if k == 0:
+            content = [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]
+            messages.append({"role": "user", "content": content})
+        else:
+            messages.append({"role": "assistant" if k % 2 else "user", "content": text})
+    return {"messages": messages, **extra}
+
+
+def sse_data(raw: bytes) -> list[str]:
+    return [line[6:] for line in raw.decode().split("\n") if line.startswith("data: ")]
+
+
+@pytest.fixture(scope="module")
+def picture() -> Image.Image:
+    return Image.linear_gradient("L").resize((48, 40)).convert("RGB")
+
+
+# -- the JSON API -----------------------------------------------------------------------------------
+def test_images_generation_matches_the_pipeline(server, engine):
+    from harmon.pipelines import TextToImagePipeline
+
+    status, body = server.post("/v1/images/generations", {"prompt": "a red circle", "seed": 7, "n": 2})
+    assert status == 200, body
+    assert [d["seed"] for d in body["data"]] == [7, 8]
+    png = Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"])))
+    assert png.size == (64, 64)
+    assert png.text["prompt"] == "a red circle" and png.text["seed"] == "7" and png.text["num_iter"] == "2"
+    assert json.loads(png.text["parameters"])["model"] == "tiny"
+    expected = TextToImagePipeline(engine.model, engine.tokenizer)(
+        "a red circle", seeds=[7], guidance_scale=3.0, num_iter=2, num_steps=2, height=64, width=64,
+        progress=False).images[0]
+    assert png.convert("RGB").tobytes() == expected.tobytes()
+
+
+def test_images_generation_streams_progress(server):
+    status, raw = server.post("/v1/images/generations", {"prompt": "a cat", "seed": 1, "size": "32x48",
+                                                         "num_iter": 3, "stream": True})
+    assert status == 200
+    events = [json.loads(d) for d in sse_data(raw)]
+    kinds = [e["type"] for e in events]
+    assert kinds == ["image_generation.queued"] + ["image_generation.progress"] * 3 + ["image_generation.completed"]
+    assert [e["step"] for e in events[1:4]] == [1, 2, 3] and events[1]["total"] == 3
+    image = Image.open(io.BytesIO(base64.b64decode(events[-1]["b64_json"])))
+    assert image.size == (32, 48) and image.text["seed"] == "1"
+
+
+def test_chat_completions_answers_streams_and_keeps_the_conversation(server, engine, picture):
+    url = data_url(picture)
+    status, body = server.post("/v1/chat/completions", chat_body(url, "What is in the image?", max_tokens=6))
+    assert status == 200, body
+    answer = body["choices"][0]["message"]["content"]
+    expected = "".join(engine.image_to_text.stream(picture, "What is in the image?", max_new_tokens=6))
+    assert answer == expected
+    assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] == 6
+    assert body["choices"][0]["finish_reason"] == "length"
+
+    status, raw = server.post("/v1/chat/completions", chat_body(url, "What is in the image?", max_tokens=6,
+                                                                stream=True))
+    data = sse_data(raw)
+    assert status == 200 and data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == answer
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+    status, second = server.post("/v1/chat/completions",
+                                 chat_body(url, "What is in the image?", answer, "And its colour?", max_tokens=4))
+    assert status == 200 and second["usage"]["prompt_tokens"] > body["usage"]["prompt_tokens"]
+    from harmon.pipelines import ChatSession
+
+    session = ChatSession(engine.image_to_text, picture)
+    session.ask("What is in the image?", max_new_tokens=6)
+    assert second["choices"][0]["message"]["content"] == session.ask("And its colour?", max_new_tokens=4)
+
+
+BAD_REQUESTS = [
+    ("/v1/images/generations", b"{not json", 400, "invalid_json"),
+    ("/v1/images/generations", b"[1, 2]", 400, "invalid_value"),
+    ("/v1/images/generations", {"prompt": 5}, 400, "invalid_value"),
+    ("/v1/images/generations", {"prompt": "   "}, 400, "invalid_value"),
+    ("/v1/images/generations", {"prompt": "x" * 301}, 400, "prompt_too_long"),
+    ("/v1/images/generations", {"prompt": "x", "size": "65x64"}, 400, "invalid_value"),
+    ("/v1/images/generations", {"prompt": "x", "size": "4096x4096"}, 400, "invalid_value"),
+    ("/v1/images/generations", {"prompt": "x", "size": "big"}, 400, "invalid_value"),
+    ("/v1/images/generations", {"prompt": "x", "n": 0}, 400, "invalid_value"),
+    ("/v1/images/generations", {"prompt": "x", "n": 50}, 400, "invalid_value"),
+    ("/v1/images/generations", {"prompt": "x", "num_iter": 100000}, 400, "invalid_value"),
+    ("/v1/images/generations", {"prompt": "x", "num_steps": 0}, 400, "invalid_value"),
+    ("/v1/images/generations", {"prompt": "x", "guidance_scale": 0.5}, 400, "invalid_value"),
+    ("/v1/images/generations", {"prompt": "x", "guidance_scale": "high"}, 400, "invalid_value"),
+    ("/v1/images/generations", {"prompt": "x", "seed": -1}, 400, "invalid_value"),
+    ("/v1/images/generations", {"prompt": "x", "response_format": "url"}, 400, "invalid_value"),
+    ("/v1/chat/completions", {"messages": []}, 400, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "no image"}]}, 400, "image_required"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "invalid_value"),
+    ("/v1/chat/completions", chat_body("https://example.com/a.png", "q"), 400, "unsupported_image_url"),
+    ("/v1/chat/completions", chat_body("data:image/png;base64,!!!!", "q"), 400, "invalid_image"),
+    ("/v1/chat/completions", chat_body("data:image/png;base64," + base64.b64encode(b"not an image").decode(), "q"),
+     400, "invalid_image"),
+    ("/v1/chat/completions", chat_body("data:image/png;base64," + "A" * 300_000, "q"), 413, "image_too_large"),
+    ("/v1/chat/completions", chat_body(data_url(Image.new("RGB", (600, 600))), "q"), 400, "image_too_large"),
+    ("/v1/chat/completions", chat_body(data_url(Image.new("RGB", (8, 8))), "q", max_tokens=100000), 400,
+     "invalid_value"),
+    ("/v1/chat/completions", chat_body(data_url(Image.new("RGB", (8, 8))), "q", "a"), 400, None),
+    ("/v1/chat/completions", chat_body(data_url(Image.new("RGB", (8, 8))), " "), 400, None),
+    ("/v1/chat/completions", b"x" * 3_000_000, 413, "request_too_large"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,code", BAD_REQUESTS, ids=[f"{k}-{c}" for k, (_, _, _, c) in enumerate(BAD_REQUESTS)])
+def test_bad_requests_get_clear_json_errors(server, path, body, status, code):
+    got, answer = server.post(path, body)
+    assert got == status, answer
+    assert answer["error"]["message"] and answer["error"]["type"] == "invalid_request_error"
+    if code:
+        assert answer["error"]["code"] == code
+    assert server.request("GET", "/health")[0] == 200
+
+
+def test_truncated_image_and_unknown_routes(server, picture):
+    truncated = data_url(picture)[:-200]
+    assert server.post("/v1/chat/completions", chat_body(truncated, "q"))[0] == 400
+    status, _, raw = server.request("GET", "/no/such/page")
+    assert status == 404 and json.loads(raw)["error"]["type"] == "not_found_error"
+    assert server.request("GET", "/v1/chat/completions")[0] == 405
+    assert server.post("/v1/images/generations", {"prompt": "still fine", "seed": 0})[0] == 200
+
+
+def test_full_queue_answers_429_at_once(server):
+    worker = server.app.state.worker
+    gate, loop = threading.Event(), asyncio.new_event_loop()
+    try:
+        blockers = [worker.submit(lambda job: gate.wait(30), loop)]
+        deadline = time.monotonic() + 10
+        while not worker.busy:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        blockers += [worker.submit(lambda job: gate.wait(30), loop) for _ in range(worker.queue_size)]
+        start = time.monotonic()
+        status, headers, raw = server.request("POST", "/v1/images/generations", {"prompt": "x"})
+        assert status == 429 and headers["Retry-After"] == "1"
+        assert json.loads(raw)["error"]["code"] == "queue_full"
+        assert time.monotonic() - start < 5
+        assert server.request("GET", "/health")[0] == 200
+    finally:
+        gate.set()
+        loop.close()
+    deadline = time.monotonic() + 10
+    while worker.busy or worker.waiting:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert server.post("/v1/images/generations", {"prompt": "x", "seed": 1})[0] == 200
+
+
+def test_api_key(engine, picture):
+    s = Server(create_app(engine, ServerSettings(api_key="sekrit", **TINY)))
+    try:
+        assert s.request("GET", "/health")[0] == 200
+        status, _, page = s.request("GET", "/")
+        assert status == 200 and b'"auth": true' in page
+        status, headers, raw = s.request("POST", "/v1/images/generations", {"prompt": "x"})
+        assert status == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key"
+        assert headers["WWW-Authenticate"] == "Bearer"
+        wrong = {"Authorization": "Bearer nope"}
+        assert s.request("POST", "/v1/images/generations", {"prompt": "x"}, wrong)[0] == 401
+        good = {"Authorization": "Bearer sekrit"}
+        assert s.request("POST", "/v1/images/generations", {"prompt": "x"}, good)[0] == 200
+        assert s.request("GET", "/v1/models", None, good)[0] == 200
+        assert s.request("GET", "/v1/models")[0] == 401
+    finally:
+        s.stop()
+
+
+# -- command line and load test ---------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_needs_a_model(tmp_path):
+    from harmon.cli import main
+
+    assert main(["serve"]) == 2
+    assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
+
+
+def test_cli_serve_runs_and_stops(model_dir):
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "harmon.cli", "serve", "--model", str(model_dir),
+                                "--port", str(port), "--size", "64", "--num-iter", "2", "--num-steps", "2",
+                                "--image-size", "64", "--device", "cpu", "--log-level", "warning"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, process.stderr.read().decode()
+            assert time.monotonic() < deadline, "harmon serve did not answer"
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/")
+                response = conn.getresponse()
+                page = response.read()
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert response.status == 200 and b"Harmon" in page and b'"size": 64' in page
+    finally:
+        process.terminate()
+        assert process.wait(30) == 0
+    assert b"serving tiny on http://127.0.0.1:" in process.stderr.read()
+
+
+def test_load_test_script(server):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks/load_test.py"), "--url",
+                             f"http://127.0.0.1:{server.port}", "--clients", "6", "--duration", "4", "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["failed"] == 0 and report["completed"] > 0 and report["answers_after"]
+    assert report["rejected_429"] > 0  # 6 clients against a queue of 2
+    assert set(report["latency_ms"]) == {"p50", "p90", "p99"}
+    refused = subprocess.run([sys.executable, str(REPO / "benchmarks/load_test.py"), "--url",
+                              "http://192.0.2.1:80", "--duration", "1"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "loopback" in refused.stderr
+
+
+# -- the web page in a real browser -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        if os.environ.get("CI"):
+            pytest.fail("chromium and chromium-driver are not installed (.ci/run installs them)")
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                 "--window-size=1280,1000", f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_script_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def _wait(driver, condition, timeout: float = 60.0):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(condition)
+
+
+def test_web_page_generates_and_chats(server, browser, picture, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    d = browser
+    d.get(f"http://127.0.0.1:{server.port}/")
+    assert "Harmon" in d.title
+    d.find_element(By.ID, "prompt").send_keys("a dog on the left and a cat on the right")
+    d.find_element(By.ID, "seed").send_keys("42")
+    d.find_element(By.ID, "num-iter").clear()
+    d.find_element(By.ID, "num-iter").send_keys("3")
+    d.find_element(By.ID, "generate").click()
+    _wait(d, lambda drv: drv.find_element(By.ID, "gen-gallery").get_attribute("data-done") == "1")
+    assert d.find_element(By.ID, "gen-status").text == "Done: 1 image(s)."
+    assert d.execute_script("return [document.getElementById('gen-progress').value, "
+                            "document.getElementById('gen-progress').max]") == [3, 3]
+    image = d.find_element(By.CSS_SELECTOR, "img.gen-image")
+    _wait(d, lambda drv: drv.execute_script("return arguments[0].naturalWidth", image) == 64)
+    link = d.find_element(By.CSS_SELECTOR, "a.gen-download")
+    assert link.get_attribute("download") == "harmon_42.png"
+    downloaded = d.execute_async_script(  # the bytes behind the download link, as base64
+        "const done = arguments[1]; fetch(arguments[0]).then(r => r.arrayBuffer()).then(b => "
+        "done(btoa(String.fromCharCode(...new Uint8Array(b)))))", link.get_attribute("href"))
+    png = Image.open(io.BytesIO(base64.b64decode(downloaded)))
+    assert png.text["prompt"] == "a dog on the left and a cat on the right" and png.text["seed"] == "42"
+    assert png.text["num_iter"] == "3"
+    d.save_screenshot(str(tmp_path / "t2i.png"))
+
+    picture_file = tmp_path / "picture.png"
+    picture.save(picture_file)
+    d.find_element(By.ID, "tab-chat").click()
+    d.find_element(By.ID, "chat-image").send_keys(str(picture_file))
+    _wait(d, lambda drv: drv.find_element(By.ID, "chat-preview").is_displayed())
+    d.find_element(By.ID, "max-tokens").clear()
+    d.find_element(By.ID, "max-tokens").send_keys("5")
+    answers = []
+    for question in ("What is in the image?", "What colour is it?"):
+        d.find_element(By.ID, "chat-question").send_keys(question)
+        d.find_element(By.ID, "chat-send").click()
+        _wait(d, lambda drv: len(drv.find_elements(By.CSS_SELECTOR, ".bubble.assistant[data-done='1']"))
+              == len(answers) + 1)
+        bubble = d.find_elements(By.CSS_SELECTOR, ".bubble.assistant")[-1]
+        assert "error" not in bubble.get_attribute("class"), d.find_element(By.ID, "chat-status").text
+        answers.append(d.execute_script("return arguments[0].textContent", bubble))
+    d.save_screenshot(str(tmp_path / "chat.png"))
+    assert [b.text for b in d.find_elements(By.CSS_SELECTOR, ".bubble.user")] == \
+        ["What is in the image?", "What colour is it?"]
+    # the page's streamed answers are the API's answers to the same conversation
+    url = data_url(picture)
+    first = server.post("/v1/chat/completions", chat_body(url, "What is in the image?", max_tokens=5))[1]
+    assert answers[0] == first["choices"][0]["message"]["content"] and len(answers[0]) > 0
+    second = server.post("/v1/chat/completions",
+                         chat_body(url, "What is in the image?", answers[0], "What colour is it?", max_tokens=5))[1]
+    assert answers[1] == second["choices"][0]["message"]["content"]
