@@ -127,7 +127,7 @@ class Client:
         elapsed = time.perf_counter() - start
         if status == 429:
             self.tally.reject()
-            time.sleep(0.05)
+            time.sleep(0.2)  # back off a little, as a client honouring Retry-After would
             return
         why = check_answer(kind, status, raw)
         if why:

@@ -324,7 +324,7 @@ def run_worker(spec: dict) -> dict:
     torch.manual_seed(12345)  # nothing here uses the global RNG; set only so a stray use would be repeatable
     dtype = getattr(torch, spec["dtype"])
     res: dict = {"config": spec["config"], "dtype": spec["dtype"], "threads": torch.get_num_threads(),
-                 "rss_after_import_bytes": rss_now()}
+                 "rss_after_import_bytes": rss_now(), "loadavg_start": os.getloadavg()}
     res["matmul_peak_gflops"] = measure_matmul_peak()
     peak = res["matmul_peak_gflops"][spec["dtype"]]
 
@@ -361,10 +361,16 @@ def run_worker(spec: dict) -> dict:
     # of every kernel shape family except the VAE
     res["warmup_s"] = time.perf_counter() - t0
     timers.enabled = True
-    timers.reset()
-    t0 = time.perf_counter()
-    image = t2i(spec["num_iter"], spec["num_steps"])
-    total = time.perf_counter() - t0
+    best = None  # the machine is shared: repeat and keep the fastest whole run (its own breakdown)
+    for _ in range(spec.get("repeats", 2)):
+        timers.reset()
+        t0 = time.perf_counter()
+        image = t2i(spec["num_iter"], spec["num_steps"])
+        total = time.perf_counter() - t0
+        if best is None or total < best[0]:
+            best = (total, {k: dict(v) for k, v in timers.data.items()})
+    total, timers.data = best
+    res["t2i_repeats"] = spec.get("repeats", 2)
     comps = summarize(timers, total, peak)
     sample_total = comps.pop("_diffusion_sample_total")["seconds"]
     head = comps["diffusion_head"]["seconds"]
@@ -391,6 +397,8 @@ def run_worker(spec: dict) -> dict:
     # ---- (b) image to text --------------------------------------------------------------------------
     res["i2t"] = image_to_text(model, timers, config, spec, peak, decode_tokens)
     res["peak_rss_bytes"] = rss_peak()
+    res["loadavg_end"] = os.getloadavg()
+    res["matmul_peak_gflops_end"] = measure_matmul_peak()
     return res
 
 
@@ -418,7 +426,7 @@ def extrapolate(model, timers: Timers, comps: dict, ids, amask, grid, spec, peak
     tokens = torch.randn(1, h, w, c, generator=g).to(dtype)
     cache = model.prefill(ids)
     prefix = ids.shape[1]
-    reps = spec.get("probe_reps", 2)
+    reps = spec.get("probe_reps", 3)
     timers.enabled = False
 
     probe_vis = sorted({0, seq_len // 2, seq_len - 1})
@@ -475,14 +483,14 @@ def extrapolate(model, timers: Timers, comps: dict, ids, amask, grid, spec, peak
     x_n = torch.randn(n_typ, c, generator=g)
     with torch.no_grad():
         ours = best_time(lambda: diff.sample(zz, x_n, lambda: torch.randn(n_typ, c, generator=g), cfg=CFG,
-                                             num_steps=str(FULL_STEPS)), 1)
+                                             num_steps=str(FULL_STEPS)), 2)
         x_2n = torch.cat([x_n, x_n])
         orig = best_time(lambda: proc.p_sample_loop(lambda x, tt: net.forward_with_cfg(x, tt, zz, CFG), x_2n,
-                                                    lambda: torch.randn(2 * n_typ, c, generator=g)), 1)
+                                                    lambda: torch.randn(2 * n_typ, c, generator=g)), 2)
         xs = torch.randn(n_typ, c, generator=g)
         tt = torch.full((n_typ,), 500, dtype=torch.long)
-        net_n = best_time(lambda: net(xs, tt, zz[:n_typ]), 5)
-        net_2n = best_time(lambda: net(torch.cat([xs, xs]), torch.cat([tt, tt]), zz), 5)
+        net_n = best_time(lambda: net(xs, tt, zz[:n_typ]), 10)
+        net_2n = best_time(lambda: net(torch.cat([xs, xs]), torch.cat([tt, tt]), zz), 10)
     timers.enabled = True
 
     prefill = comps["llm_prefill"]["seconds"]
@@ -525,21 +533,21 @@ def image_to_text(model, timers: Timers, config, spec, peak, decode_tokens) -> d
     timers.reset()
     with torch.no_grad():
         model.encode(pixels[:, :, :64, :64])  # small warm-up of the VAE encoder kernels
-        timers.reset()
-        t0 = time.perf_counter()
-        latents = model.encode(pixels)
-        t_vae = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        embeds = model.multimodal_embeds(ids, model.extract_visual_feature(latents)[1], image_id)
-        t_visual = time.perf_counter() - t0
-        timers.reset()
-        gen = decode_tokens(model, embeds, set(), max_new_tokens=spec["decode_tokens"])
-        t0 = time.perf_counter()
-        next(gen)
-        t_prefill = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        n = sum(1 for _ in gen)
-        t_decode = time.perf_counter() - t0
+        t_vae = t_visual = t_prefill = t_decode = math.inf
+        for _ in range(spec.get("repeats", 2)):  # shared machine: the fastest of each part
+            t0 = time.perf_counter()
+            latents = model.encode(pixels)
+            t_vae = min(t_vae, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            embeds = model.multimodal_embeds(ids, model.extract_visual_feature(latents)[1], image_id)
+            t_visual = min(t_visual, time.perf_counter() - t0)
+            gen = decode_tokens(model, embeds, set(), max_new_tokens=spec["decode_tokens"])
+            t0 = time.perf_counter()
+            next(gen)  # the prompt pass and the first token
+            t_prefill = min(t_prefill, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            n = sum(1 for _ in gen)  # one LLM step per further token
+            t_decode = min(t_decode, time.perf_counter() - t0)
     h = config.llm["hidden_size"]
     prompt = ids.shape[1]
     pf_flops = llm_flops(config.llm, 1, prompt, prompt) + 2 * h * vocab
@@ -550,7 +558,7 @@ def image_to_text(model, timers: Timers, config, spec, peak, decode_tokens) -> d
         "time_to_first_token_s": t_vae + t_visual + t_prefill,
         "prefill_tokens_per_s": prompt / t_prefill,
         "prefill_gflops": pf_flops / t_prefill / 1e9, "prefill_pct_of_peak": 100 * pf_flops / t_prefill / 1e9 / peak,
-        "decode_tokens": n, "decode_s": t_decode, "decode_tokens_per_s": n / t_decode,
+        "decode_tokens": n + 1, "decode_steps_timed": n, "decode_s": t_decode, "decode_tokens_per_s": n / t_decode,
         "decode_gflops": dec_flops / t_decode / 1e9,
         "decode_weight_gbytes_per_s": n * (linear_weights(model.llm.model) + h * vocab) * model.dtype.itemsize
         / t_decode / 1e9,
@@ -651,7 +659,7 @@ def jobs(quick: bool) -> list[dict]:
     out = [{"config": "tiny", "dtype": "float32", "image_px": 64, "num_iter": 64, "num_steps": "10",
             "decode_tokens": 16, "extrapolate": False},
            {"config": "harmon-0.5b", "dtype": "bfloat16", **red},
-           {"config": "harmon-0.5b", "dtype": "float32", **red}]
+           {"config": "harmon-0.5b", "dtype": "float32", **red, "extrapolate": False}]
     if not quick:
         out.append({"config": "harmon-1.5b", "dtype": "bfloat16", **red})
     return out
@@ -710,7 +718,7 @@ def print_report(r: dict) -> None:
               f"visual): VAE encoder {fmt_s(i['vae_encoder_s'])} s, MAR encoder+proj {fmt_s(i['mar_encoder_proj_s'])} s, "
               f"LLM prefill {fmt_s(i['llm_prefill_s'])} s ({i['prefill_tokens_per_s']:.0f} tok/s, "
               f"{i['prefill_gflops']:.0f} GFLOP/s = {i['prefill_pct_of_peak']:.1f}% peak); decode "
-              f"{i['decode_tokens_per_s']:.1f} tok/s ({i['decode_tokens']} tokens greedy, "
+              f"{i['decode_tokens_per_s']:.1f} tok/s ({i['decode_steps_timed']} steps timed, greedy, "
               f"{i['decode_weight_gbytes_per_s']:.1f} GB/s of weights read)")
     lc = r.get("load_check")
     if lc:

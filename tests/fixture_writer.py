@@ -536,7 +536,7 @@ def _sample_run(model: Harmon, ids, text_mask, run: dict) -> dict:
     guided = cfg != 1.0
     rows = ids.shape[0]
     b = rows // 2 if guided else rows
-    seq, c = shape[0] * shape[1], model.token_dim
+    seq = shape[0] * shape[1]
     rng = _RecordingRNG(run["np_seed"], run["torch_seed"])
     steps: list[StepInfo] = []
 

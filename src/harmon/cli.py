@@ -11,7 +11,6 @@ import os
 import re
 import secrets
 import sys
-import tempfile
 from pathlib import Path
 
 EXIT_USER_ERROR = 2

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from PIL import Image
@@ -76,6 +76,7 @@ class TextToImagePipeline:
                  height: int = 512, width: int | None = None,
                  generator: torch.Generator | Sequence[torch.Generator] | None = None,
                  seeds: Sequence[int] | None = None, rng: ReferenceRNG | None = None, progress: bool = True,
+                 callback: Callable[[StepInfo], None] | None = None,
                  output_type: Literal["pil", "pt"] = "pil") -> TextToImageOutput:
         """Generate ``num_images_per_prompt`` images for each prompt.
 
@@ -85,7 +86,8 @@ class TextToImagePipeline:
         Either way each image depends only on its own seed, not on the batch.
         ``num_steps`` may list one diffusion step count per MAR iteration; ``fast``
         selects the fast mode (32 iterations, steps annealed 50 -> 5) for whatever
-        of ``num_iter`` / ``num_steps`` is not given.
+        of ``num_iter`` / ``num_steps`` is not given. ``callback`` receives a
+        :class:`~harmon.sampling.StepInfo` after every MAR iteration (progress, cancellation).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if num_iter is None:
@@ -111,6 +113,8 @@ class TextToImagePipeline:
 
         def on_step(info: StepInfo) -> None:
             bar.update(1)
+            if callback is not None:
+                callback(info)
 
         try:
             tokens = generate_latents(self.model, input_ids, attention_mask, rng, image_shape=grid,

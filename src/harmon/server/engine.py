@@ -10,9 +10,7 @@ import torch
 
 from ..batch import png_bytes
 from ..pipelines import ChatSession, ImageToTextPipeline, TextToImagePipeline
-from ..processing import GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt, check_image_size, tensor_to_pil, \
-    tokenize_prompts
-from ..sampling import StepInfo, generate_latents
+from ..sampling import StepInfo
 from .inputs import ChatParams, GenerationParams
 from .worker import Job
 
@@ -40,29 +38,19 @@ class Engine:
     def generate(self, p: GenerationParams, job: Job) -> list[dict[str, Any]]:
         """Images for one prompt, with a ``progress`` event after every MAR iteration.
 
-        The same steps as :class:`TextToImagePipeline` (its checks, seeds and prompts), with
-        ``generate_latents``'s per-iteration callback reporting progress and stopping a
-        cancelled job; a seed gives the same image as ``harmon generate --seed``.
+        :class:`TextToImagePipeline` with its per-iteration callback reporting progress (and
+        stopping a cancelled job); a seed gives the same image as ``harmon generate --seed``.
         """
-        pipe = self.text_to_image
-        pipe._validate([p.prompt], p.n, p.guidance_scale, p.temperature, p.num_iter, p.num_steps)
-        grid = check_image_size(p.height, p.width, self.stride)
         start = p.seed if p.seed is not None else secrets.randbits(31)
         seeds = [start + k for k in range(p.n)]
-        rng, _ = pipe._seeded_rng(p.n, None, seeds)
-        texts = [chat_prompt(GENERATION_PREFIX + p.prompt)] * p.n
-        if p.guidance_scale != 1.0:
-            texts += [chat_prompt(UNCONDITIONAL_PROMPT)] * p.n
-        input_ids, attention_mask = tokenize_prompts(self.tokenizer, texts, pipe.pad_id)
-        pipe._check_length(input_ids.shape[1], grid)
 
         def on_step(info: StepInfo) -> None:
             job.emit("progress", {"step": info.step + 1, "total": info.num_iter})
 
-        tokens = generate_latents(self.model, input_ids, attention_mask, rng, image_shape=grid, num_iter=p.num_iter,
-                                  cfg=p.guidance_scale, temperature=p.temperature, num_steps=p.num_steps,
-                                  callback=on_step)
-        images = tensor_to_pil(self.model.decode(tokens))
+        images = self.text_to_image(p.prompt, num_images_per_prompt=p.n, guidance_scale=p.guidance_scale,
+                                    temperature=p.temperature, num_iter=p.num_iter, num_steps=p.num_steps,
+                                    height=p.height, width=p.width, seeds=seeds, progress=False,
+                                    callback=on_step).images
         num_steps = str(p.num_steps or self.model.config.mar.num_sampling_steps)
         out = []
         for image, seed in zip(images, seeds):
