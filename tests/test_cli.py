@@ -148,3 +148,34 @@ def test_user_errors(case, model_dir, tmp_path, capsys):
     }[case]
     assert_user_error(main(argv), capsys, *words)
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_edit_inpaints_outpaints_and_varies(model_dir, photo, tmp_path, capsys):
+    common = ["--model", str(model_dir), "--num-iter", "2", "--num-steps", "2", "--seed", "3"]
+    out = tmp_path / "boxed.png"
+    assert main(["edit", str(photo), "a red circle", "--box", "0,0,32,32", "--out", str(out), *common]) == 0
+    image = Image.open(out)
+    assert image.size == (64, 32) and image.text["edit"] == "box"  # 72x40 rounded down to multiples of 16
+    assert image.text["generated_tokens"] == "4" and image.text["seed"] == "3"
+    wide = tmp_path / "wide.png"
+    assert main(["edit", str(photo), "a beach", "--extend", "16,0,16,0", "--out", str(wide), *common]) == 0
+    assert Image.open(wide).size == (96, 32)
+    varied = tmp_path / "varied.png"
+    assert main(["edit", str(photo), "a red circle", "--strength", "0.5", "--out", str(varied), *common]) == 0
+    again = tmp_path / "again.png"
+    assert main(["edit", str(photo), "a red circle", "--strength", "0.5", "--out", str(again), *common]) == 0
+    assert np.array_equal(np.asarray(Image.open(varied)), np.asarray(Image.open(again)))
+    capsys.readouterr()
+    assert_user_error(main(["edit", str(photo), "x", "--box", "1,2", "--out", str(out), *common]), capsys,
+                      "four integers")
+    assert_user_error(main(["edit", str(photo), "x", "--out", str(out), *common]), capsys, "exactly one of")
+    assert_user_error(main(["edit", str(photo), "x", "--extend", "8,0,0,0", "--out", str(out), *common]), capsys,
+                      "multiple of 16")
+
+
+def test_generate_fast_mode(model_dir, tmp_path):
+    out = tmp_path / "fast.png"
+    assert main(["generate", "a red circle", "--model", str(model_dir), "--out", str(out), "--seed", "1",
+                 "--size", "64", "--fast", "-q"]) == 0
+    text = Image.open(out).text
+    assert text["fast"] == "True" and text["num_iter"] == "32" and text["num_steps"].startswith("50,")

@@ -60,13 +60,16 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
-    """The text-to-image settings shared by ``generate`` and ``batch`` (defaults are the original's)."""
+    """The sampling settings shared by ``generate``, ``edit`` and ``batch`` (defaults are the original's)."""
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 disables it)")
     p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant", help="guidance schedule")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--num-iter", type=int, default=64, metavar="N", help="MAR iterations")
     p.add_argument("--num-steps", type=int, default=None, metavar="N",
                    help="diffusion steps per token (default: the model's, 100 for the released models)")
+
+
+def _add_size_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=512, metavar="PX", help="square image side (multiple of 16)")
     p.add_argument("--height", type=int, default=None, metavar="H", help="image height (overrides --size)")
     p.add_argument("--width", type=int, default=None, metavar="W", help="image width (overrides --size)")
@@ -188,11 +191,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for first in range(0, len(seeds), args.batch_size):
         batch = seeds[first:first + args.batch_size]
         out = pipe(prompt, num_images_per_prompt=len(batch), seeds=batch, guidance_scale=args.cfg,
-                   cfg_schedule=args.cfg_schedule, temperature=args.temperature, num_iter=args.num_iter,
-                   num_steps=args.num_steps, height=height, width=width, progress=not args.quiet)
+                   cfg_schedule=args.cfg_schedule, temperature=args.temperature, height=height, width=width,
+                   progress=not args.quiet, **_iteration_settings(args))
         for image, seed, path in zip(out.images, batch, paths[first:first + len(batch)]):
             meta = {"prompt": prompt, "seed": seed, "cfg": args.cfg, "cfg_schedule": args.cfg_schedule,
-                    "temperature": args.temperature, "num_iter": args.num_iter,
+                    "temperature": args.temperature, "num_iter": out.settings["num_iter"], "fast": args.fast,
                     "num_steps": out.settings["num_steps"], "height": height, "width": width,
                     "model": model.config.name, "model_path": str(folder), "dtype": str(model.dtype).split(".")[-1],
                     "harmon_version": _version(), "software": f"harmon {_version()}"}
@@ -205,6 +208,63 @@ def cmd_generate(args: argparse.Namespace) -> int:
                           {"prompt": prompt, "seeds": ",".join(map(str, seeds)), "model": model.config.name,
                            "harmon_version": _version(), "software": f"harmon {_version()}"}))
         print(grid_path, flush=True)
+    return 0
+
+
+def _iteration_settings(args: argparse.Namespace) -> dict:
+    """MAR iterations and diffusion steps: the fast mode's, or those given."""
+    if args.fast:
+        return {"fast": True}
+    return {"num_iter": args.num_iter, "num_steps": args.num_steps}
+
+
+def _parse_box(text: str, what: str) -> tuple[int, int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise UserError(f"{what} takes four integers separated by commas, got {text!r}")
+    return values
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    """Inpaint (--mask or --box), outpaint (--extend) or vary (--strength) an image under a prompt."""
+    import torch
+
+    from .batch import png_bytes, write_atomic
+    from .pipelines import EditPipeline, inpaint_region, outpaint_region, variation_region
+
+    chosen = [name for name in ("mask", "box", "extend", "strength") if getattr(args, name) is not None]
+    if len(chosen) != 1:
+        raise UserError("give exactly one of --mask, --box, --extend, --strength")
+    if not args.prompt.strip():
+        raise UserError("the prompt is empty")
+    if not args.out.lower().endswith(".png"):
+        raise UserError(f"--out must name a .png file, got {args.out}")
+    seed = args.seed if args.seed is not None else secrets.randbits(31)
+    if args.mask is not None:
+        region = inpaint_region(args.image, args.mask)
+    elif args.box is not None:
+        region = inpaint_region(args.image, _parse_box(args.box, "--box"))
+    elif args.extend is not None:
+        left, top, right, bottom = _parse_box(args.extend, "--extend")
+        region = outpaint_region(args.image, left=left, top=top, right=right, bottom=bottom)
+    else:
+        region = variation_region(args.image, args.strength, torch.Generator().manual_seed(seed))
+    folder = _model_folder(args)
+    model, tokenizer = _load(args, folder)
+    out = EditPipeline(model, tokenizer)(region, args.prompt, seed=seed, guidance_scale=args.cfg,
+                                         cfg_schedule=args.cfg_schedule, temperature=args.temperature,
+                                         num_iter=args.num_iter, num_steps=args.num_steps)
+    meta = {"prompt": args.prompt, "seed": seed, "edit": chosen[0], "source_image": str(args.image),
+            **{k: v for k, v in out.settings.items()}, "model_path": str(folder),
+            "dtype": str(model.dtype).split(".")[-1], "harmon_version": _version(), "software": f"harmon {_version()}"}
+    meta["parameters"] = json.dumps(meta, sort_keys=True)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, png_bytes(out.images[0], meta))
+    print(path, flush=True)
     return 0
 
 
@@ -514,10 +574,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=1, metavar="N", help="how many images")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the first image (default: random)")
     _add_generation_options(p)
+    _add_size_options(p)
     p.add_argument("--grid", action="store_true", help="also write one grid image of all outputs")
+    p.add_argument("--fast", action="store_true",
+                   help="fast mode: 32 MAR iterations, diffusion steps annealed 50 -> 5 (replaces --num-iter/--num-steps)")
     p.add_argument("--batch-size", type=int, default=4, metavar="B", help="images generated at once")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("edit", help="inpaint, outpaint or vary an image under a prompt",
+                       description="Complete a partly known image: the known region's latent tokens are kept and "
+                       "only the rest is generated, in the same MAR loop as text to image. Choose one of --mask "
+                       "(white = regenerate), --box L,T,R,B (pixels), --extend L,T,R,B (margins, multiples of 16) "
+                       "or --strength S (regenerate that fraction of tokens at random, chosen by the seed).",
+                       formatter_class=fmt)
+    p.add_argument("image", help="the image to edit")
+    p.add_argument("prompt", help="what the edited image shows")
+    _add_model_options(p)
+    p.add_argument("--out", default="edited.png", metavar="FILE.png", help="output file")
+    p.add_argument("--mask", metavar="MASK.png", help="inpainting mask, same size as the image (white = regenerate)")
+    p.add_argument("--box", metavar="L,T,R,B", help="inpaint this box (pixels)")
+    p.add_argument("--extend", metavar="L,T,R,B", help="outpaint: margins to add (pixels, multiples of 16)")
+    p.add_argument("--strength", type=float, metavar="S", help="variations: fraction of tokens to regenerate (0, 1]")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="seed (default: random)")
+    _add_generation_options(p)
+    p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("batch", help="draw images for every prompt of a JSON/JSONL file (resumable, torchrun)",
                        description="Generate NUM_IMAGES images per prompt of PROMPTS_FILE (a JSON list of strings "
@@ -535,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seed of image 0 of prompt 0; image k of prompt i gets S + i*K + k (default: 0)")
     _add_generation_options(p)
+    _add_size_options(p)
     p.add_argument("--batch-size", type=int, default=4, metavar="B",
                    help="images generated at once (not a setting of the run: may change when resuming)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
