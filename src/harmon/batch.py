@@ -428,8 +428,8 @@ def _check_options(num_images, batch_size, seed, cfg, cfg_schedule, temperature,
         (cfg_schedule in ("constant", "linear"), f"--cfg-schedule must be constant or linear, got {cfg_schedule}"),
         (temperature > 0, f"--temperature must be > 0, got {temperature}"),
         (isinstance(num_iter, int) and num_iter >= 1, f"--num-iter must be >= 1, got {num_iter}"),
-        (num_steps is None or (str(num_steps).isdigit() and 1 <= int(num_steps) <= 1000),
-         f"--num-steps must be in 1..1000, got {num_steps}"),
+        (num_steps is None or (str(num_steps).isdigit() and 2 <= int(num_steps) <= 1000),
+         f"--num-steps must be in 2..1000, got {num_steps}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -31,6 +31,8 @@ def cosine_betas(num_steps: int = NUM_TRAIN_TIMESTEPS, max_beta: float = 0.999) 
 def respaced_timesteps(num_steps: int, section_counts: str) -> list[int]:
     """Original timesteps kept by a respacing string such as ``"100"`` or ``"10,5"``, ascending."""
     counts = [int(c) for c in str(section_counts).split(",")]
+    if sum(counts) < 2:
+        raise ValueError(f"sampling needs at least 2 diffusion steps, got {section_counts!r}")
     size_per, extra = divmod(num_steps, len(counts))
     start, kept = 0, set()
     for i, count in enumerate(counts):

@@ -146,8 +146,8 @@ class TextToImagePipeline:
             raise ValueError(f"num_iter must be a positive integer, got {num_iter!r}")
         values = [] if num_steps is None else [num_steps] if isinstance(num_steps, (int, str)) else list(num_steps)
         for value in values:
-            if not (str(value).isdigit() and 1 <= int(value) <= 1000):
-                raise ValueError(f"num_steps must be integers in 1..1000, got {num_steps!r}")
+            if not (str(value).isdigit() and 2 <= int(value) <= 1000):
+                raise ValueError(f"num_steps must be integers in 2..1000, got {num_steps!r}")
         if len(values) > 1 and len(values) != num_iter:
             raise ValueError(f"{len(values)} diffusion step counts for {num_iter} MAR iterations")
 

@@ -158,7 +158,7 @@ def generation_params(req: ImageRequest, s: ServerSettings, stride: int = 16) ->
     check_range("num_iter", num_iter, 1, s.max_num_iter)
     num_steps = s.num_steps if req.num_steps is None else req.num_steps
     if num_steps is not None:
-        check_range("num_steps", num_steps, 1, s.max_num_steps)
+        check_range("num_steps", num_steps, 2, s.max_num_steps)
     check_range("temperature", req.temperature, 0.01, 10.0)
     return GenerationParams(prompt, req.n, width, height, req.seed, float(guidance), num_iter, num_steps,
                             float(req.temperature))
