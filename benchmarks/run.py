@@ -344,7 +344,6 @@ def run_worker(spec: dict) -> dict:
     mar = config.mar
     px = spec["image_px"]
     h = w = px // mar.vae_stride
-    seq_len = h * w
     ids, amask = prompt_batch(config.llm["vocab_size"])
 
     def t2i(num_iter, steps, seed=0):
@@ -423,11 +422,11 @@ def extrapolate(model, timers: Timers, comps: dict, ids, amask, grid, spec, peak
     """
     import torch
 
-    from harmon.models.harmon import context_mask_and_positions, crop_cache
+    from harmon.models.harmon import crop_cache
 
     h, w = grid
     seq_len = h * w
-    c, buf = model.token_dim, model.buffer_size
+    c = model.token_dim
     dtype = model.dtype
     sched = schedule(seq_len, FULL_ITERS)
     g = torch.Generator().manual_seed(3)

@@ -222,6 +222,84 @@ def test_bad_requests_get_clear_json_errors(server, path, body, status, code):
     assert server.request("GET", "/health")[0] == 200
 
 
+# -- image edits ------------------------------------------------------------------------------------
+EDIT_PROMPT = "a red square"
+EDIT_CASES = [("inpaint", {"box": [8, 8, 40, 24]}, (48, 32)),  # the 48x40 picture is cut to multiples of 16
+              ("outpaint", {"extend": [16, 0, 16, 16]}, (80, 48)),
+              ("variation", {"strength": 0.5}, (48, 32))]
+
+
+def edit_body(image: Image.Image, mode: str, **extra) -> dict:
+    return {"image": data_url(image), "prompt": EDIT_PROMPT, "mode": mode, "seed": 3, **extra}
+
+
+@pytest.mark.parametrize("mode,extra,size", EDIT_CASES, ids=[c[0] for c in EDIT_CASES])
+def test_image_edits_match_the_pipeline(server, engine, picture, mode, extra, size):
+    from harmon.pipelines import EditPipeline, inpaint_region, outpaint_region, variation_region
+
+    status, body = server.post("/v1/images/edits", edit_body(picture, mode, **extra))
+    assert status == 200, body
+    assert body["size"] == f"{size[0]}x{size[1]}" and isinstance(body["created"], int)
+    item = body["data"][0]
+    assert item["seed"] == 3 and item["metadata"]["edit_mode"] == mode
+    png = Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+    assert png.size == size
+    assert png.text["prompt"] == EDIT_PROMPT and png.text["seed"] == "3" and png.text["edit_mode"] == mode
+    assert png.text["num_iter"] == "2" and png.text["num_steps"] == "2" and png.text["cfg"] == "3.0"
+    key = next(iter(extra))
+    assert json.loads(png.text["parameters"])[key] == extra[key]
+    assert json.loads(png.text["parameters"])["model"] == "tiny"
+    region = {"inpaint": lambda: inpaint_region(picture, tuple(extra["box"])),
+              "outpaint": lambda: outpaint_region(picture, *extra["extend"]),
+              "variation": lambda: variation_region(picture, 0.5, torch.Generator().manual_seed(3))}[mode]()
+    expected = EditPipeline(engine.model, engine.tokenizer)(region, EDIT_PROMPT, seed=3, guidance_scale=3.0,
+                                                            num_iter=2, num_steps=2).images[0]
+    assert png.convert("RGB").tobytes() == expected.tobytes()
+    if mode == "inpaint":  # a mask image selecting the same box gives the same edit
+        mask = Image.new("L", picture.size, 0)
+        mask.paste(255, tuple(extra["box"]))
+        status, masked = server.post("/v1/images/edits", edit_body(picture, mode, mask=data_url(mask)))
+        assert status == 200, masked
+        again = Image.open(io.BytesIO(base64.b64decode(masked["data"][0]["b64_json"])))
+        assert again.convert("RGB").tobytes() == expected.tobytes()
+
+
+BAD_EDITS = [  # (changes to a good inpaint request, status, code, words in the message)
+    ({"image": None}, 400, "image_required", "image is required"),
+    ({"mode": "paint"}, 400, "invalid_value", "mode must be one of inpaint, outpaint, variation"),
+    ({"box": [0, 0, 100, 16]}, 400, "invalid_value", "is not inside the 48x40 image"),
+    ({"box": None}, 400, "invalid_value", "inpaint needs a mask"),
+    ({"box": [0, 0, 16]}, 400, "invalid_value", "box must be four integers"),
+    ({"mode": "outpaint", "extend": [10, 0, 0, 0]}, 400, "invalid_value", "left margin must be a non-negative "
+     "multiple of 16"),
+    ({"mode": "outpaint", "extend": [0, 0, 0, 0]}, 400, "invalid_value", "at least one margin"),
+    ({"mode": "outpaint", "extend": [0, 0, 2048, 0]}, 400, "invalid_value", "at most 64 are allowed"),
+    ({"mode": "variation", "strength": 1.5}, 400, "invalid_value", "strength must be in (0, 1]"),
+    ({"mode": "variation", "strength": 0}, 400, "invalid_value", "strength must be in (0, 1]"),
+    ({"mode": "variation"}, 400, "invalid_value", "variation needs strength"),
+    ({"prompt": "  "}, 400, "invalid_value", "prompt is empty"),
+    ({"prompt": "x" * 301}, 400, "prompt_too_long", "at most 300"),
+    ({"guidance_scale": 0.5}, 400, "invalid_value", "guidance_scale must be in"),
+    ({"num_iter": 0}, 400, "invalid_value", "num_iter must be in"),
+    ({"seed": -1}, 400, "invalid_value", "seed must be in"),
+    ({"image": "https://example.com/a.png"}, 400, "unsupported_image_url", "not fetched"),
+    ({"image": "data:image/png;base64," + "A" * 300_000}, 413, "image_too_large", "larger than"),
+    ({"image": data_url(Image.new("RGB", (600, 600)))}, 400, "image_too_large", "more than the 262144"),
+    ({"mask": "data:image/png;base64,!!!!", "box": None}, 400, "invalid_image", "malformed"),
+    ({"stream": True}, 400, "invalid_value", "stream is not supported"),
+]
+
+
+@pytest.mark.parametrize("change,status,code,words", BAD_EDITS, ids=[f"{k}-{c}" for k, (_, _, c, _) in
+                                                                     enumerate(BAD_EDITS)])
+def test_bad_edits_get_clear_json_errors(server, picture, change, status, code, words):
+    body = {k: v for k, v in {**edit_body(picture, "inpaint", box=[0, 0, 16, 16]), **change}.items() if v is not None}
+    got, answer = server.post("/v1/images/edits", body)
+    assert got == status, answer
+    assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["code"] == code
+    assert words in answer["error"]["message"], answer["error"]["message"]
+
+
 def test_truncated_image_and_unknown_routes(server, picture):
     truncated = data_url(picture)[:-200]
     assert server.post("/v1/chat/completions", chat_body(truncated, "q"))[0] == 400
@@ -243,6 +321,10 @@ def test_full_queue_answers_429_at_once(server):
         status, headers, raw = server.request("POST", "/v1/images/generations", {"prompt": "x"})
         assert status == 429 and headers["retry-after"] == "1"
         assert json.loads(raw)["error"]["code"] == "queue_full"
+        status, _, raw = server.request("POST", "/v1/images/edits", {"image": data_url(Image.new("RGB", (16, 16))),
+                                                                     "prompt": "x", "mode": "variation",
+                                                                     "strength": 1})
+        assert status == 429 and json.loads(raw)["error"]["code"] == "queue_full"
         assert time.monotonic() - start < 5
         assert server.request("GET", "/health")[0] == 200
     finally:
@@ -268,6 +350,9 @@ def test_api_key(engine, picture):
         assert s.request("POST", "/v1/images/generations", {"prompt": "x"}, wrong)[0] == 401
         good = {"Authorization": "Bearer sekrit"}
         assert s.request("POST", "/v1/images/generations", {"prompt": "x"}, good)[0] == 200
+        edit = {"image": data_url(picture), "prompt": "x", "mode": "outpaint", "extend": [0, 16, 0, 0]}
+        assert s.request("POST", "/v1/images/edits", edit)[0] == 401
+        assert s.request("POST", "/v1/images/edits", edit, good)[0] == 200
         assert s.request("GET", "/v1/models", None, good)[0] == 200
         assert s.request("GET", "/v1/models")[0] == 401
     finally:
@@ -409,3 +494,51 @@ def test_web_page_generates_and_chats(server, browser, picture, tmp_path):
     second = server.post("/v1/chat/completions",
                          chat_body(url, "What is in the image?", answers[0], "What colour is it?", max_tokens=5))[1]
     assert answers[1] == second["choices"][0]["message"]["content"]
+
+
+def test_web_page_edits(server, browser, picture, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    d = browser
+    d.get(f"http://127.0.0.1:{server.port}/")
+    d.find_element(By.ID, "tab-edit").click()
+    assert d.find_element(By.ID, "edit").is_displayed() and not d.find_element(By.ID, "t2i").is_displayed()
+    picture_file = tmp_path / "picture.png"
+    picture.save(picture_file)
+    d.find_element(By.ID, "edit-image").send_keys(str(picture_file))
+    _wait(d, lambda drv: drv.find_element(By.ID, "edit-preview").get_attribute("data-loaded") == "1")
+    assert d.find_element(By.ID, "edit-box-right").get_attribute("value") == "36"  # default: the middle
+    Select(d.find_element(By.ID, "edit-mode")).select_by_value("outpaint")
+    assert d.find_element(By.ID, "edit-outpaint-opts").is_displayed()
+    assert not d.find_element(By.ID, "edit-inpaint-opts").is_displayed()
+    Select(d.find_element(By.ID, "edit-mode")).select_by_value("inpaint")
+    for name, value in zip(("left", "top", "right", "bottom"), EDIT_CASES[0][1]["box"]):
+        d.find_element(By.ID, f"edit-box-{name}").clear()
+        d.find_element(By.ID, f"edit-box-{name}").send_keys(str(value))
+    d.find_element(By.ID, "edit-prompt").send_keys(EDIT_PROMPT)
+    d.find_element(By.ID, "edit-seed").send_keys("3")
+    d.find_element(By.ID, "edit-run").click()
+    _wait(d, lambda drv: drv.find_element(By.ID, "edit-result").get_attribute("data-done") in ("1", "error"))
+    assert d.find_element(By.ID, "edit-result").get_attribute("data-done") == "1", \
+        d.find_element(By.ID, "edit-status").text
+    image = d.find_element(By.ID, "edit-result-image")
+    _wait(d, lambda drv: drv.execute_script("return arguments[0].naturalWidth", image) == 48)
+    assert d.execute_script("return arguments[0].naturalHeight", image) == 32
+    link = d.find_element(By.ID, "edit-download")
+    assert link.get_attribute("download") == "harmon_inpaint_3.png"
+    downloaded = d.execute_async_script(
+        "const done = arguments[1]; fetch(arguments[0]).then(r => r.arrayBuffer()).then(b => "
+        "done(btoa(String.fromCharCode(...new Uint8Array(b)))))", link.get_attribute("href"))
+    png = Image.open(io.BytesIO(base64.b64decode(downloaded)))
+    assert png.text["edit_mode"] == "inpaint" and png.text["seed"] == "3" and png.text["prompt"] == EDIT_PROMPT
+    d.save_screenshot(str(tmp_path / "edit.png"))
+    api = server.post("/v1/images/edits", edit_body(picture, "inpaint", **EDIT_CASES[0][1]))[1]
+    expected = Image.open(io.BytesIO(base64.b64decode(api["data"][0]["b64_json"])))
+    assert png.convert("RGB").tobytes() == expected.convert("RGB").tobytes()
+    # a bad request shows the server's message
+    d.find_element(By.ID, "edit-box-right").clear()
+    d.find_element(By.ID, "edit-box-right").send_keys("100")
+    d.find_element(By.ID, "edit-run").click()
+    _wait(d, lambda drv: drv.find_element(By.ID, "edit-result").get_attribute("data-done") == "error")
+    assert "not inside the 48x40 image" in d.find_element(By.ID, "edit-status").text

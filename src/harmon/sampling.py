@@ -1,10 +1,11 @@
 """The MAR generation loop of Harmon: text prompts -> latent tokens.
 
-Follows the original ``Harmon.sample`` step by step (see SPEC.md). Two exact
+Follows the original ``Harmon.sample`` step by step (see SPEC.md). Exact
 shortcuts: the MAR encoder runs once for a conditional/unconditional pair
-(their inputs are identical), and the diffusion head samples only the
-conditional rows (the original samples the unconditional twins too and then
-overwrites them with the conditional ones).
+(their inputs are identical), identical prompts (the unconditional one) are
+prefilled once, and the diffusion sampler keeps only the conditional rows (the
+original samples the unconditional twins too and then overwrites them with the
+conditional ones). Known tokens (editing) are kept and never re-sampled.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from typing import Callable, Literal, Protocol, Sequence
 
 import numpy as np
 import torch
-
 from transformers import DynamicCache
 
 from .models.harmon import Harmon, crop_cache

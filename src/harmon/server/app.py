@@ -4,7 +4,8 @@ Routes (``/v1/*`` need ``Authorization: Bearer KEY`` when the server has an API 
 
 * ``GET /`` the web page; ``GET /health`` liveness and queue state;
 * ``GET /v1/models``; ``POST /v1/images/generations``; ``POST /v1/chat/completions``
-  (``"stream": true`` answers with server-sent events in both).
+  (``"stream": true`` answers with server-sent events in both);
+* ``POST /v1/images/edits``: inpaint, outpaint or vary an image (JSON, the image as a data: URL).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 
 from .engine import Engine
 from .errors import ApiError, queue_full
-from .inputs import ChatRequest, ImageRequest, ServerSettings, chat_params, generation_params, parse_body
+from .inputs import (ChatRequest, EditRequest, ImageRequest, ServerSettings, chat_params, edit_params,
+                     generation_params, parse_body)
 from .page import render_page
 from .worker import Job, ModelWorker, QueueFullError
 
@@ -142,6 +144,20 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                 yield err.sse()
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request) -> Response:
+        authorize(request)
+        req = parse_body(EditRequest, await read_body(request, settings.max_body_bytes))
+        params = await run_in_threadpool(edit_params, req, settings, engine.stride)
+        job = submit(lambda job: engine.edit(params, job))
+        created = int(time.time())
+        out = await job.result()
+        size = f"{out['metadata']['width']}x{out['metadata']['height']}"
+        return JSONResponse({"created": created, "model": engine.name, "output_format": "png", "size": size,
+                             "data": [{"b64_json": base64.b64encode(out["png"]).decode(), "seed": out["seed"],
+                                       "image_index": 0, "size": size, "output_format": "png",
+                                       "metadata": out["metadata"]}]})
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:

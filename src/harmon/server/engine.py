@@ -1,4 +1,4 @@
-"""The model's side of the server: jobs that run on the worker thread (text to image, chat about an image)."""
+"""The model's side of the server: jobs that run on the worker thread (text to image, image edits, chat)."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,9 @@ from typing import Any, Iterator
 import torch
 
 from ..batch import png_bytes
-from ..pipelines import ChatSession, ImageToTextPipeline, TextToImagePipeline
+from ..pipelines import ChatSession, EditPipeline, ImageToTextPipeline, TextToImagePipeline
 from ..sampling import StepInfo
-from .inputs import ChatParams, GenerationParams
+from .inputs import ChatParams, EditParams, GenerationParams
 from .worker import Job
 
 
@@ -32,6 +32,7 @@ class Engine:
         self.stride = int(model.config.mar.vae_stride)
         self.text_to_image = TextToImagePipeline(model, tokenizer)
         self.image_to_text = ImageToTextPipeline(model, tokenizer, image_size=image_size)
+        self.editor = EditPipeline(model, tokenizer)
 
     # -- text to image ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -62,6 +63,26 @@ class Engine:
             meta["parameters"] = json.dumps(meta, sort_keys=True)
             out.append({"png": png_bytes(image, meta), "seed": seed, "metadata": meta})
         return out
+
+    # -- image editing -------------------------------------------------------------------------
+    @torch.no_grad()
+    def edit(self, p: EditParams, job: Job) -> dict[str, Any]:
+        """Inpaint, outpaint or vary an image: :class:`EditPipeline` on the request's region.
+
+        The same seed gives the same PNG as ``EditPipeline(...)(region, prompt, seed=seed)``
+        (for variations the region's tokens are chosen by ``torch.Generator().manual_seed(seed)``).
+        """
+        out = self.editor(p.region, p.prompt, seed=p.seed, guidance_scale=p.guidance_scale,
+                          temperature=p.temperature, num_iter=p.num_iter, num_steps=p.num_steps)
+        image, settings = out.images[0], out.settings
+        meta = {"prompt": p.prompt, "seed": p.seed, "edit_mode": p.mode, **p.details, "cfg": p.guidance_scale,
+                "cfg_schedule": settings["cfg_schedule"], "temperature": p.temperature, "num_iter": p.num_iter,
+                "num_steps": settings["num_steps"], "height": image.height, "width": image.width,
+                "known_tokens": settings["known_tokens"], "generated_tokens": settings["generated_tokens"],
+                "model": self.name, "model_path": self.model_path, "dtype": str(self.model.dtype).split(".")[-1],
+                "harmon_version": _version(), "software": f"harmon {_version()}"}
+        meta["parameters"] = json.dumps(meta, sort_keys=True)
+        return {"png": png_bytes(image, meta), "seed": p.seed, "metadata": meta}
 
     # -- image understanding ---------------------------------------------------------------------
     @torch.no_grad()

@@ -177,6 +177,138 @@ class ChatParams:
     seed: int | None
 
 
+class EditRequest(_Body):
+    """``POST /v1/images/edits``: OpenAI's images/edits as JSON, with the image (and mask) as data: URLs."""
+
+    image: str | None = None
+    prompt: str | None = None
+    mode: str = "inpaint"
+    mask: str | None = None
+    box: list[int] | None = None  # inpaint: [left, top, right, bottom] in pixels
+    extend: list[int] | None = None  # outpaint: [left, top, right, bottom] margins in pixels
+    strength: float | None = None  # variation: the fraction of tokens regenerated
+    n: int = 1
+    response_format: str | None = "b64_json"
+    model: str | None = None
+    seed: int | None = None
+    guidance_scale: float | None = None
+    num_iter: int | None = None
+    num_steps: int | None = None
+    temperature: float = 1.0
+    stream: bool = False
+
+
+EDIT_MODES = ("inpaint", "outpaint", "variation")
+
+
+@dataclass
+class EditParams:
+    """A checked edit request: the region to complete (canvas and known tokens) and the sampling settings."""
+
+    prompt: str
+    mode: str
+    region: Any  # harmon.pipelines.editing.KnownRegion
+    details: dict[str, Any]  # the mode's own settings (box / mask, extend, strength), for the metadata
+    seed: int
+    guidance_scale: float
+    num_iter: int
+    num_steps: int | None
+    temperature: float
+
+
+def _four(name: str, value: list[int] | None, required: str) -> tuple[int, int, int, int]:
+    if value is None:
+        raise ApiError(400, required, param=name, code="invalid_value")
+    if len(value) != 4:
+        raise ApiError(400, f"{name} must be four integers [left, top, right, bottom], got {len(value)}",
+                       param=name, code="invalid_value")
+    return tuple(int(v) for v in value)  # type: ignore[return-value]
+
+
+def edit_params(req: EditRequest, s: ServerSettings, stride: int = 16) -> EditParams:
+    """Check an edit request, decode its image(s) and build the region (call off the event loop)."""
+    import secrets
+
+    import torch
+
+    from ..pipelines import inpaint_region, outpaint_region, variation_region
+
+    if req.mode not in EDIT_MODES:
+        raise ApiError(400, f"mode must be one of {', '.join(EDIT_MODES)}, got {req.mode!r}", param="mode",
+                       code="invalid_value")
+    if req.stream:
+        raise ApiError(400, "stream is not supported for edits: leave it out", param="stream", code="invalid_value")
+    if not req.image:
+        raise ApiError(400, "image is required: the image to edit as a data: URL (data:image/png;base64,...)",
+                       param="image", code="image_required")
+    if req.prompt is None or not req.prompt.strip():
+        raise ApiError(400, "prompt is empty", param="prompt", code="invalid_value")
+    if len(req.prompt) > s.max_prompt_chars:
+        raise ApiError(400, f"prompt is {len(req.prompt)} characters, at most {s.max_prompt_chars} are allowed",
+                       param="prompt", code="prompt_too_long")
+    if req.response_format not in (None, "b64_json"):
+        raise ApiError(400, "response_format must be 'b64_json' (this server keeps no image URLs)",
+                       param="response_format", code="invalid_value")
+    if req.n != 1:
+        raise ApiError(400, "n must be 1 for edits", param="n", code="invalid_value")
+    if req.seed is not None:
+        check_range("seed", req.seed, 0, 2**63 - 1)
+    guidance = s.guidance_scale if req.guidance_scale is None else req.guidance_scale
+    check_range("guidance_scale", guidance, 1.0, s.max_guidance_scale)
+    num_iter = s.num_iter if req.num_iter is None else req.num_iter
+    check_range("num_iter", num_iter, 1, s.max_num_iter)
+    num_steps = s.num_steps if req.num_steps is None else req.num_steps
+    if num_steps is not None:
+        check_range("num_steps", num_steps, 2, s.max_num_steps)
+    check_range("temperature", req.temperature, 0.01, 10.0)
+    seed = req.seed if req.seed is not None else secrets.randbits(31)
+    details: dict[str, Any] = {}
+    if req.mode == "inpaint":
+        if req.mask is None and req.box is None:
+            raise ApiError(400, "inpaint needs a mask (a data: URL, white = regenerate) or a box "
+                           "[left, top, right, bottom]", param="box", code="invalid_value")
+        if req.mask is not None and req.box is not None:
+            raise ApiError(400, "give either mask or box, not both", param="mask", code="invalid_value")
+    elif req.mode == "outpaint":
+        extend = _four("extend", req.extend, "outpaint needs extend: the margins [left, top, right, bottom] "
+                       f"in pixels, multiples of {stride}")
+        details["extend"] = list(extend)
+    else:
+        if req.strength is None:
+            raise ApiError(400, "variation needs strength: the fraction of the image to regenerate, in (0, 1]",
+                           param="strength", code="invalid_value")
+        if not 0 < req.strength <= 1:
+            raise ApiError(400, f"strength must be in (0, 1], got {req.strength}", param="strength",
+                           code="invalid_value")
+        details["strength"] = float(req.strength)
+    image = decode_image_url(req.image, s, param="image")
+    param = {"inpaint": "mask" if req.mask is not None else "box", "outpaint": "extend",
+             "variation": "strength"}[req.mode]
+    try:
+        if req.mode == "inpaint":
+            if req.mask is not None:
+                region = inpaint_region(image, decode_image_url(req.mask, s, param="mask"))
+                details["mask"] = "image"
+            else:
+                box = _four("box", req.box, "")
+                details["box"] = list(box)
+                region = inpaint_region(image, box)
+        elif req.mode == "outpaint":
+            left, top, right, bottom = details["extend"]
+            region = outpaint_region(image, left=left, top=top, right=right, bottom=bottom)
+        else:
+            region = variation_region(image, req.strength, torch.Generator().manual_seed(seed))
+    except ValueError as err:
+        raise ApiError(400, str(err), param=param, code="invalid_value") from None
+    width, height = region.canvas.size
+    for name, value in (("width", width), ("height", height)):
+        if value > s.max_size:
+            raise ApiError(400, f"the edited image's {name} would be {value} pixels, at most {s.max_size} are "
+                           "allowed", param="image", code="invalid_value")
+    return EditParams(req.prompt.strip(), req.mode, region, details, seed, float(guidance), num_iter, num_steps,
+                      float(req.temperature))
+
+
 def _text_of(content: str | list[ContentPart] | None, where: str) -> tuple[str, list[str]]:
     """The text of a message and the image URLs in it."""
     if content is None:
@@ -249,23 +381,23 @@ def chat_params(req: ChatRequest, s: ServerSettings) -> ChatParams:
     return ChatParams(image, history, question, max_tokens, req.temperature, top_p, req.seed)
 
 
-def decode_image_url(url: str, s: ServerSettings) -> Image.Image:
+def decode_image_url(url: str, s: ServerSettings, param: str = "messages") -> Image.Image:
     """A ``data:image/...;base64,...`` URL -> RGB image, within the upload and pixel limits."""
     match = re.match(r"data:([\w/+.-]*)((?:;[\w=.-]+)*);base64,", url[:200])
     if not match:
         if url.startswith(("http://", "https://")):
             raise ApiError(400, "image URLs are not fetched: send the image inline as a data: URL "
-                           "(data:image/png;base64,...)", param="messages", code="unsupported_image_url")
-        raise ApiError(400, "the image must be a base64 data: URL (data:image/png;base64,...)", param="messages",
+                           "(data:image/png;base64,...)", param=param, code="unsupported_image_url")
+        raise ApiError(400, "the image must be a base64 data: URL (data:image/png;base64,...)", param=param,
                        code="invalid_image")
     encoded = url[match.end():]
     if len(encoded) * 3 // 4 > s.max_upload_bytes:
-        raise ApiError(413, f"the image is larger than the {s.max_upload_bytes} bytes allowed", param="messages",
+        raise ApiError(413, f"the image is larger than the {s.max_upload_bytes} bytes allowed", param=param,
                        code="image_too_large")
     try:
         raw = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError(400, "the image's base64 data is malformed", param="messages", code="invalid_image") from None
+        raise ApiError(400, "the image's base64 data is malformed", param=param, code="invalid_image") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -273,14 +405,14 @@ def decode_image_url(url: str, s: ServerSettings) -> Image.Image:
                 pixels = opened.width * opened.height
                 if pixels > s.max_image_pixels:
                     raise ApiError(400, f"the image is {opened.width}x{opened.height} pixels, more than the "
-                                   f"{s.max_image_pixels} allowed", param="messages", code="image_too_large")
+                                   f"{s.max_image_pixels} allowed", param=param, code="image_too_large")
                 opened.load()
                 image = opened.copy()
         return load_image(image)
     except ApiError:
         raise
     except UnidentifiedImageError:
-        raise ApiError(400, "the data is not an image in a known format (PNG, JPEG, WebP, ...)", param="messages",
+        raise ApiError(400, "the data is not an image in a known format (PNG, JPEG, WebP, ...)", param=param,
                        code="invalid_image") from None
     except Exception as err:  # PIL raises many kinds of errors for bad files
-        raise ApiError(400, f"cannot read the image: {err}", param="messages", code="invalid_image") from None
+        raise ApiError(400, f"cannot read the image: {err}", param=param, code="invalid_image") from None

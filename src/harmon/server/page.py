@@ -1,8 +1,9 @@
 """The web page: one self-contained HTML file (no external assets) that talks to the JSON API.
 
-Two tabs, as in the original's online demo: text-to-image (prompt, seed, guidance, steps,
-size, a live progress bar, the image with a download of the PNG and its metadata) and
-image understanding (upload an image, then a chat whose answers stream in token by token).
+Three tabs: text-to-image (prompt, seed, guidance, steps, size, a live progress bar, the
+image with a download of the PNG and its metadata), image editing (upload an image, then
+inpaint a box, outpaint margins or make a variation, with the same settings and download)
+and image understanding (upload an image, then a chat whose answers stream in token by token).
 """
 from __future__ import annotations
 
@@ -59,6 +60,10 @@ PAGE = r"""<!doctype html>
   #gen-gallery figure { margin: 0; } #gen-gallery img { max-width: 512px; width: 100%; image-rendering: auto;
                                                           border: 1px solid var(--line); border-radius: 6px; }
   pre { background: #f4f4f5; padding: 8px; border-radius: 6px; font-size: 12px; white-space: pre-wrap; }
+  #edit-preview, #edit-result-image { max-width: 100%; max-height: 280px; margin-top: 8px; border-radius: 6px;
+                                     border: 1px solid var(--line); }
+  #edit-result-image { max-height: 512px; }
+  .four { display: grid; grid-template-columns: repeat(4, 1fr); gap: 6px; }
   #chat-preview { max-width: 100%; max-height: 280px; margin-top: 8px; border-radius: 6px; display: none; }
   #chat-log { border: 1px solid var(--line); border-radius: 6px; height: 420px; overflow-y: auto; padding: 10px;
               display: flex; flex-direction: column; gap: 8px; }
@@ -75,6 +80,7 @@ PAGE = r"""<!doctype html>
     <input id="api-key" type="password" autocomplete="off" placeholder="the server's API key"></div>
 </header>
 <nav><button id="tab-t2i" class="active" data-tab="t2i">Text to image</button>
+     <button id="tab-edit" data-tab="edit">Edit</button>
      <button id="tab-chat" data-tab="chat">Image understanding</button></nav>
 <main>
 <section id="t2i" class="tab active">
@@ -100,6 +106,44 @@ PAGE = r"""<!doctype html>
     <div id="gen-status" class="status"></div>
   </div>
   <div><div id="gen-gallery"></div><pre id="gen-meta" style="display:none"></pre></div>
+</section>
+<section id="edit" class="tab">
+  <div>
+    <label for="edit-image">Image</label><input id="edit-image" type="file" accept="image/*">
+    <img id="edit-preview" alt="the image to edit" style="display:none">
+    <label for="edit-mode">Edit</label>
+    <select id="edit-mode"><option value="inpaint">Inpaint: regenerate a box</option>
+      <option value="outpaint">Outpaint: extend the borders</option>
+      <option value="variation">Variation: regenerate a random part</option></select>
+    <div id="edit-inpaint-opts"><label>Box to regenerate, pixels (left, top, right, bottom)</label>
+      <div class="four"><input id="edit-box-left" type="number" min="0" value="0">
+        <input id="edit-box-top" type="number" min="0" value="0">
+        <input id="edit-box-right" type="number" min="1" value="16">
+        <input id="edit-box-bottom" type="number" min="1" value="16"></div></div>
+    <div id="edit-outpaint-opts" style="display:none"><label>Margins to add, pixels, multiples of 16
+      (left, top, right, bottom)</label>
+      <div class="four"><input id="edit-extend-left" type="number" min="0" step="16" value="0">
+        <input id="edit-extend-top" type="number" min="0" step="16" value="0">
+        <input id="edit-extend-right" type="number" min="0" step="16" value="64">
+        <input id="edit-extend-bottom" type="number" min="0" step="16" value="0"></div></div>
+    <div id="edit-variation-opts" style="display:none"><label for="edit-strength">Strength (fraction
+      regenerated, 0–1)</label><input id="edit-strength" type="number" min="0.01" max="1" step="0.05" value="0.5"></div>
+    <label for="edit-prompt">Prompt</label>
+    <textarea id="edit-prompt" rows="3" placeholder="what the edited image shows"></textarea>
+    <div class="row">
+      <div><label for="edit-seed">Seed (empty: random)</label><input id="edit-seed" type="number" min="0" step="1"></div>
+      <div><label for="edit-guidance">Guidance</label><input id="edit-guidance" type="number" min="1" step="0.5"></div>
+    </div>
+    <div class="row">
+      <div><label for="edit-num-iter">Steps (MAR iterations)</label><input id="edit-num-iter" type="number" min="1"></div>
+      <div><label for="edit-num-steps">Diffusion steps (empty: model's)</label>
+        <input id="edit-num-steps" type="number" min="1"></div>
+    </div>
+    <button id="edit-run" class="primary">Edit</button>
+    <div id="edit-status" class="status"></div>
+  </div>
+  <div id="edit-result"><img id="edit-result-image" alt="the edited image" style="display:none"><br>
+    <a id="edit-download" style="display:none"></a><pre id="edit-meta" style="display:none"></pre></div>
 </section>
 <section id="chat" class="tab">
   <div>
@@ -132,6 +176,10 @@ $("num-iter").value = CFG.num_iter; $("num-iter").max = CFG.max_num_iter;
 $("num-steps").value = CFG.num_steps ?? ""; $("num-steps").max = CFG.max_num_steps;
 for (const id of ["width", "height"]) { $(id).value = CFG.size; $(id).max = CFG.max_size; }
 $("num-images").max = CFG.max_images; $("prompt").maxLength = CFG.max_prompt_chars;
+$("edit-guidance").value = CFG.guidance_scale; $("edit-guidance").max = CFG.max_guidance_scale;
+$("edit-num-iter").value = CFG.num_iter; $("edit-num-iter").max = CFG.max_num_iter;
+$("edit-num-steps").value = CFG.num_steps ?? ""; $("edit-num-steps").max = CFG.max_num_steps;
+$("edit-prompt").maxLength = CFG.max_prompt_chars;
 
 function headers() {
   const h = {"Content-Type": "application/json"};
@@ -207,6 +255,51 @@ function showImages(images) {
     $("gen-meta").textContent = JSON.stringify(images[0].metadata, null, 2); }
   gallery.dataset.done = "1";
 }
+
+let editUrl = null;
+$("edit-mode").onchange = () => { for (const m of ["inpaint", "outpaint", "variation"])
+  $(`edit-${m}-opts`).style.display = $("edit-mode").value === m ? "block" : "none"; };
+$("edit-image").onchange = () => {
+  const file = $("edit-image").files[0];
+  if (!file) return;
+  if (file.size > CFG.max_upload_bytes) { setStatus("edit-status", "The image is too large.", true); return; }
+  const reader = new FileReader();
+  reader.onload = () => { editUrl = reader.result; const img = $("edit-preview");
+    img.onload = () => {  // default box: the middle of the image
+      const w = img.naturalWidth, h = img.naturalHeight;
+      $("edit-box-left").value = Math.floor(w / 4); $("edit-box-top").value = Math.floor(h / 4);
+      $("edit-box-right").value = Math.ceil(3 * w / 4); $("edit-box-bottom").value = Math.ceil(3 * h / 4);
+      img.dataset.loaded = "1"; };
+    img.dataset.loaded = ""; img.src = editUrl; img.style.display = "block"; setStatus("edit-status", ""); };
+  reader.readAsDataURL(file);
+};
+const four = (prefix) => ["left", "top", "right", "bottom"].map((k) => num(`${prefix}-${k}`) ?? 0);
+$("edit-run").onclick = async () => {
+  const prompt = $("edit-prompt").value.trim();
+  if (!editUrl) { setStatus("edit-status", "Upload an image first.", true); return; }
+  if (!prompt) { setStatus("edit-status", "Enter a prompt first.", true); return; }
+  const mode = $("edit-mode").value;
+  const body = {image: editUrl, prompt, mode, seed: num("edit-seed"), guidance_scale: num("edit-guidance"),
+                num_iter: num("edit-num-iter"), num_steps: num("edit-num-steps")};
+  if (mode === "inpaint") body.box = four("edit-box");
+  if (mode === "outpaint") body.extend = four("edit-extend");
+  if (mode === "variation") body.strength = num("edit-strength");
+  $("edit-run").disabled = true; $("edit-result").dataset.done = ""; setStatus("edit-status", "Editing…");
+  try {
+    const resp = await fetch("/v1/images/edits", {method: "POST", headers: headers(), body: JSON.stringify(body)});
+    if (!resp.ok) throw new Error(await errorOf(resp));
+    const im = (await resp.json()).data[0];
+    const bytes = Uint8Array.from(atob(im.b64_json), (c) => c.charCodeAt(0));
+    const url = URL.createObjectURL(new Blob([bytes], {type: "image/png"}));
+    const img = $("edit-result-image"); img.src = url; img.style.display = "block"; img.title = `seed ${im.seed}`;
+    const link = $("edit-download"); link.href = url; link.download = `harmon_${mode}_${im.seed}.png`;
+    link.textContent = `Download PNG (${mode}, seed ${im.seed}, with metadata)`; link.style.display = "inline";
+    $("edit-meta").textContent = JSON.stringify(im.metadata, null, 2); $("edit-meta").style.display = "block";
+    setStatus("edit-status", `Done: ${im.size}, seed ${im.seed}.`);
+    $("edit-result").dataset.done = "1";
+  } catch (err) { setStatus("edit-status", String(err.message || err), true); $("edit-result").dataset.done = "error"; }
+  finally { $("edit-run").disabled = false; }
+};
 
 $("chat-image").onchange = () => {
   const file = $("chat-image").files[0];
