@@ -273,7 +273,7 @@ BAD_EDITS = [  # (changes to a good inpaint request, status, code, words in the 
     ({"mode": "outpaint", "extend": [10, 0, 0, 0]}, 400, "invalid_value", "left margin must be a non-negative "
      "multiple of 16"),
     ({"mode": "outpaint", "extend": [0, 0, 0, 0]}, 400, "invalid_value", "at least one margin"),
-    ({"mode": "outpaint", "extend": [0, 0, 2048, 0]}, 400, "invalid_value", "at most 64 are allowed"),
+    ({"mode": "outpaint", "extend": [0, 0, 2048, 0]}, 400, "invalid_value", "width would be 2096 pixels, at most 1024"),
     ({"mode": "variation", "strength": 1.5}, 400, "invalid_value", "strength must be in (0, 1]"),
     ({"mode": "variation", "strength": 0}, 400, "invalid_value", "strength must be in (0, 1]"),
     ({"mode": "variation"}, 400, "invalid_value", "variation needs strength"),

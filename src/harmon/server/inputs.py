@@ -225,6 +225,13 @@ def _four(name: str, value: list[int] | None, required: str) -> tuple[int, int, 
     return tuple(int(v) for v in value)  # type: ignore[return-value]
 
 
+def _check_edit_size(s: ServerSettings, width: int, height: int) -> None:
+    for name, value in (("width", width), ("height", height)):
+        if value > s.max_size:
+            raise ApiError(400, f"the edited image's {name} would be {value} pixels, at most {s.max_size} are "
+                           "allowed", param="image", code="invalid_value")
+
+
 def edit_params(req: EditRequest, s: ServerSettings, stride: int = 16) -> EditParams:
     """Check an edit request, decode its image(s) and build the region (call off the event loop)."""
     import secrets
@@ -295,16 +302,15 @@ def edit_params(req: EditRequest, s: ServerSettings, stride: int = 16) -> EditPa
                 region = inpaint_region(image, box)
         elif req.mode == "outpaint":
             left, top, right, bottom = details["extend"]
+            if min(left, top, right, bottom) >= 0:  # check the size before building the canvas
+                _check_edit_size(s, max(stride, image.width // stride * stride) + left + right,
+                                 max(stride, image.height // stride * stride) + top + bottom)
             region = outpaint_region(image, left=left, top=top, right=right, bottom=bottom)
         else:
             region = variation_region(image, req.strength, torch.Generator().manual_seed(seed))
     except ValueError as err:
         raise ApiError(400, str(err), param=param, code="invalid_value") from None
-    width, height = region.canvas.size
-    for name, value in (("width", width), ("height", height)):
-        if value > s.max_size:
-            raise ApiError(400, f"the edited image's {name} would be {value} pixels, at most {s.max_size} are "
-                           "allowed", param="image", code="invalid_value")
+    _check_edit_size(s, *region.canvas.size)
     return EditParams(req.prompt.strip(), req.mode, region, details, seed, float(guidance), num_iter, num_steps,
                       float(req.temperature))
 
