@@ -207,3 +207,15 @@ def test_fitting_a_few_images_learns_both_directions(dataset, tmp_path):
     replies = [answer(dataset / "images" / f"{i}.png", "What color is the square?", max_new_tokens=8)
                for i in range(len(COLORS))]
     assert replies == list(COLORS)
+
+
+def test_unreadable_images_never_stop_a_run(dataset, tmp_path, capsys):
+    broken = tmp_path / "broken.jsonl"
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    broken.write_text(json.dumps({"image": "missing.png", "caption": "gone"}) + "\n" +
+                      json.dumps({"image": "bad.png", "caption": "corrupt"}) + "\n")
+    result = train(config(dataset, tmp_path / "run", max_steps=2, save_every=2,
+                          data={"jsonl": [str(broken)], "llava": [], "t2i_batch_size": 2}))
+    assert result.steps == 2 and result.final_dir is not None
+    assert len(result.skipped_images) == 4  # 2 images x 2 steps, each reported
+    assert "skipped 4 unreadable images" in capsys.readouterr().out

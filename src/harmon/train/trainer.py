@@ -146,6 +146,10 @@ class HarmonForTraining(nn.Module):
         self.model = model
 
     def forward(self, t2i: dict | None, i2t: dict | None, rng: TrainingRNG | None) -> dict[str, torch.Tensor]:
+        if t2i is None and i2t is None:
+            # every image of this step was unreadable: a zero loss over all trainable weights keeps the
+            # step (and, with several processes, the gradient all-reduce) going
+            return {"empty": sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0}
         out = {}
         if t2i is not None:
             out["t2i"] = text_to_image_loss(self.model, t2i["pixel_values"], t2i["input_ids"],
@@ -298,7 +302,7 @@ def _train(cfg: TrainConfig, world: World, stop_after: int | None) -> TrainResul
             losses = wrapped(t2i, i2t, rng)
         # i2t: token-weighted mean over the whole global batch, whatever its split over processes
         i2t_tokens = _all_reduce_sum(torch.tensor(float(losses.get("i2t_count", 0))), world).item()
-        total = torch.zeros((), device=world.device)
+        total = losses.get("empty", torch.zeros((), device=world.device))
         if "t2i" in losses:
             total = total + cfg.t2i_weight * losses["t2i"]
         if "i2t_sum" in losses and i2t_tokens > 0:
