@@ -450,6 +450,12 @@ def _device_for(name: str, shard: Shard):
     return device
 
 
+def _print_line(text: str) -> None:
+    """One line in one write: lines of several ranks sharing a pipe (torchrun) never interleave."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def run_batch(prompts: PathLike | Sequence[PromptRecord], model: PathLike, out_dir: PathLike, *, seed: int = 0,
               num_images: int = 1, batch_size: int = 4, geneval: bool = False, cfg: float = 3.0,
               cfg_schedule: str = "constant", temperature: float = 1.0, num_iter: int = 64,
@@ -466,7 +472,7 @@ def run_batch(prompts: PathLike | Sequence[PromptRecord], model: PathLike, out_d
     from .hub import pick_dtype, resolve_model_folder
     from .processing import check_image_size
 
-    emit = log if log is not None else (lambda text: print(text, flush=True))
+    emit = log if log is not None else _print_line
     records = list(prompts) if not isinstance(prompts, (str, os.PathLike)) else load_prompts(prompts)
     if not records:
         raise BatchError("no prompts given")
