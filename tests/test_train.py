@@ -132,8 +132,9 @@ def test_optimizer_groups_freezing_and_schedule(dataset, tmp_path):
 # -- runs ------------------------------------------------------------------------------------------------
 def test_resume_continues_with_the_same_losses(dataset, tmp_path):
     full = train(config(dataset, tmp_path / "full"))
-    first = train(config(dataset, tmp_path / "split"), stop_after=2)
-    assert first.steps == 2 and first.final_dir is None
+    # stopped after step 3; the last checkpoint is step 2's, so step 3 is done (and logged) again
+    first = train(config(dataset, tmp_path / "split"), stop_after=3)
+    assert first.steps == 3 and first.final_dir is None
     rest = train(config(dataset, tmp_path / "split"))
     assert [h["step"] for h in rest.history] == [3, 4]
     for a, b in zip(full.history[2:], rest.history):

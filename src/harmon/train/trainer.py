@@ -233,6 +233,13 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records after ``step``: a killed run may have logged steps its last checkpoint lacks."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        _write_atomic(path, "".join(line + "\n" for line in kept))
+
+
 def _barrier(world: World) -> None:
     if world.size > 1:
         dist.barrier()
@@ -278,6 +285,8 @@ def _train(cfg: TrainConfig, world: World, stop_after: int | None) -> TrainResul
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    if world.main and start > 0:
+        _truncate_log(out / "log.jsonl", start)
     log = open(out / "log.jsonl", "a") if world.main else None
     writer = _tensorboard(out) if cfg.tensorboard and world.main else None
     result = TrainResult(steps=start)
