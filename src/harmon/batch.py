@@ -260,29 +260,34 @@ def _temp_for(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path``: a temporary file in the same folder, fsync, then ``os.replace``."""
+def _written_temp(path: Path, data: bytes) -> str:
+    """A temporary file beside ``path`` holding ``data``, flushed to disk; its name."""
     fd, tmp = _temp_for(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path``: a temporary file in the same folder, fsync, then ``os.replace``."""
+    tmp = _written_temp(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
 
 
 def create_once(path: Path, data: bytes) -> bool:
     """Create ``path`` holding ``data`` unless it exists (never a partial file); True if this call created it."""
-    fd, tmp = _temp_for(path)
+    tmp = _written_temp(path, data)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         try:
             os.link(tmp, path)  # atomic, and fails if the name exists
             return True

@@ -129,6 +129,22 @@ class GenerationParams:
     temperature: float
 
 
+def _sampling_settings(req: ImageRequest | EditRequest, s: ServerSettings) -> tuple[float, int, int | None]:
+    """Check the seed, guidance, iterations, diffusion steps and temperature shared by generations and edits;
+    returns (guidance, num_iter, num_steps) with the server's defaults filled in."""
+    if req.seed is not None:
+        check_range("seed", req.seed, 0, 2**63 - 1)
+    guidance = s.guidance_scale if req.guidance_scale is None else req.guidance_scale
+    check_range("guidance_scale", guidance, 1.0, s.max_guidance_scale)
+    num_iter = s.num_iter if req.num_iter is None else req.num_iter
+    check_range("num_iter", num_iter, 1, s.max_num_iter)
+    num_steps = s.num_steps if req.num_steps is None else req.num_steps
+    if num_steps is not None:
+        check_range("num_steps", num_steps, 2, s.max_num_steps)
+    check_range("temperature", req.temperature, 0.01, 10.0)
+    return float(guidance), num_iter, num_steps
+
+
 def generation_params(req: ImageRequest, s: ServerSettings, stride: int = 16) -> GenerationParams:
     prompt = req.prompt.strip()
     if not prompt:
@@ -150,16 +166,7 @@ def generation_params(req: ImageRequest, s: ServerSettings, stride: int = 16) ->
         if value < stride or value > s.max_size or value % stride:
             raise ApiError(400, f"image {name} must be a multiple of {stride} in [{stride}, {s.max_size}], "
                            f"got {value}", param="size", code="invalid_value")
-    if req.seed is not None:
-        check_range("seed", req.seed, 0, 2**63 - 1)
-    guidance = s.guidance_scale if req.guidance_scale is None else req.guidance_scale
-    check_range("guidance_scale", guidance, 1.0, s.max_guidance_scale)
-    num_iter = s.num_iter if req.num_iter is None else req.num_iter
-    check_range("num_iter", num_iter, 1, s.max_num_iter)
-    num_steps = s.num_steps if req.num_steps is None else req.num_steps
-    if num_steps is not None:
-        check_range("num_steps", num_steps, 2, s.max_num_steps)
-    check_range("temperature", req.temperature, 0.01, 10.0)
+    guidance, num_iter, num_steps = _sampling_settings(req, s)
     return GenerationParams(prompt, req.n, width, height, req.seed, float(guidance), num_iter, num_steps,
                             float(req.temperature))
 
@@ -258,16 +265,7 @@ def edit_params(req: EditRequest, s: ServerSettings, stride: int = 16) -> EditPa
                        param="response_format", code="invalid_value")
     if req.n != 1:
         raise ApiError(400, "n must be 1 for edits", param="n", code="invalid_value")
-    if req.seed is not None:
-        check_range("seed", req.seed, 0, 2**63 - 1)
-    guidance = s.guidance_scale if req.guidance_scale is None else req.guidance_scale
-    check_range("guidance_scale", guidance, 1.0, s.max_guidance_scale)
-    num_iter = s.num_iter if req.num_iter is None else req.num_iter
-    check_range("num_iter", num_iter, 1, s.max_num_iter)
-    num_steps = s.num_steps if req.num_steps is None else req.num_steps
-    if num_steps is not None:
-        check_range("num_steps", num_steps, 2, s.max_num_steps)
-    check_range("temperature", req.temperature, 0.01, 10.0)
+    guidance, num_iter, num_steps = _sampling_settings(req, s)
     seed = req.seed if req.seed is not None else secrets.randbits(31)
     details: dict[str, Any] = {}
     if req.mode == "inpaint":
