@@ -588,7 +588,6 @@ def _generate(todo, records, folder, summary: BatchSummary, emit, settings, shar
     tokenizer = load_tokenizer(folder, int(model.config.llm["vocab_size"]))
     pipe = TextToImagePipeline(model, tokenizer)
     model_path = str(Path(folder).resolve())
-    dtype_name = str(model.dtype).split(".")[-1]
     bar = tqdm(total=sum(len(p) for _, p in todo), desc=f"rank {shard.rank} images", unit="img",
                disable=not progress or shard.rank != 0, file=sys.stderr)
     try:
@@ -599,14 +598,12 @@ def _generate(todo, records, folder, summary: BatchSummary, emit, settings, shar
             images = dict(zip((it.number for it in block), result.images))
             for it in pending:
                 prompt = records[it.index].prompt
-                text = {"prompt": prompt, "seed": it.seed, "cfg": gen_kwargs["guidance_scale"],
-                        "cfg_schedule": gen_kwargs["cfg_schedule"], "temperature": gen_kwargs["temperature"],
-                        "num_iter": gen_kwargs["num_iter"], "num_steps": result.settings["num_steps"],
-                        "height": gen_kwargs["height"], "width": gen_kwargs["width"],
-                        "model": model.config.name, "model_path": model_path, "dtype": dtype_name,
-                        "harmon_version": __version__, "software": f"harmon {__version__}",
-                        "index": it.index, "sample": it.k}
-                text["parameters"] = json.dumps(text, sort_keys=True)
+                text = image_metadata({"prompt": prompt, "seed": it.seed, "cfg": gen_kwargs["guidance_scale"],
+                                       "cfg_schedule": gen_kwargs["cfg_schedule"],
+                                       "temperature": gen_kwargs["temperature"], "num_iter": gen_kwargs["num_iter"],
+                                       "num_steps": result.settings["num_steps"], "height": gen_kwargs["height"],
+                                       "width": gen_kwargs["width"], "index": it.index, "sample": it.k},
+                                      model, model_path)
                 write_atomic(it.png, png_bytes(images[it.number], text))
                 meta = {"index": it.index, "sample": it.k, "seed": it.seed, "prompt": prompt,
                         "file": os.path.relpath(it.png, it.meta.parent), "metadata": records[it.index].record,
@@ -618,6 +615,18 @@ def _generate(todo, records, folder, summary: BatchSummary, emit, settings, shar
                 bar.update(1)
     finally:
         bar.close()
+
+
+def image_metadata(fields: Mapping[str, Any], model, model_path) -> dict[str, Any]:
+    """The PNG text metadata of a generated image: ``fields`` (prompt, seed, settings), the model, its
+    folder and dtype, the software, and ``parameters``: all of it as one JSON string."""
+    from . import __version__
+
+    meta = {**fields, "model": model.config.name, "model_path": str(model_path),
+            "dtype": str(model.dtype).split(".")[-1], "harmon_version": __version__,
+            "software": f"harmon {__version__}"}
+    meta["parameters"] = json.dumps(meta, sort_keys=True, default=str)
+    return meta
 
 
 def png_bytes(image, text: Mapping[str, Any]) -> bytes:

@@ -164,7 +164,7 @@ def _output_paths(args: argparse.Namespace, seeds: list[int]) -> tuple[list[Path
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Text to image(s): one PNG per image, seeds S, S+1, ..., settings in the PNG text chunks."""
-    from .batch import png_bytes, write_atomic
+    from .batch import image_metadata, png_bytes, write_atomic
     from .checkpoint import read_config
     from .pipelines import TextToImagePipeline
     from .processing import check_image_size
@@ -194,12 +194,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                    cfg_schedule=args.cfg_schedule, temperature=args.temperature, height=height, width=width,
                    progress=not args.quiet, **_iteration_settings(args))
         for image, seed, path in zip(out.images, batch, paths[first:first + len(batch)]):
-            meta = {"prompt": prompt, "seed": seed, "cfg": args.cfg, "cfg_schedule": args.cfg_schedule,
-                    "temperature": args.temperature, "num_iter": out.settings["num_iter"], "fast": args.fast,
-                    "num_steps": out.settings["num_steps"], "height": height, "width": width,
-                    "model": model.config.name, "model_path": str(folder), "dtype": str(model.dtype).split(".")[-1],
-                    "harmon_version": _version(), "software": f"harmon {_version()}"}
-            meta["parameters"] = json.dumps(meta, sort_keys=True)
+            meta = image_metadata({"prompt": prompt, "seed": seed, "cfg": args.cfg, "cfg_schedule": args.cfg_schedule,
+                                   "temperature": args.temperature, "num_iter": out.settings["num_iter"],
+                                   "fast": args.fast, "num_steps": out.settings["num_steps"], "height": height,
+                                   "width": width}, model, folder)
             write_atomic(path, png_bytes(image, meta))
             images.append(image)
             print(path, flush=True)
@@ -232,7 +230,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     """Inpaint (--mask or --box), outpaint (--extend) or vary (--strength) an image under a prompt."""
     import torch
 
-    from .batch import png_bytes, write_atomic
+    from .batch import image_metadata, png_bytes, write_atomic
     from .pipelines import EditPipeline, inpaint_region, outpaint_region, variation_region
 
     chosen = [name for name in ("mask", "box", "extend", "strength") if getattr(args, name) is not None]
@@ -257,10 +255,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     out = EditPipeline(model, tokenizer)(region, args.prompt, seed=seed, guidance_scale=args.cfg,
                                          cfg_schedule=args.cfg_schedule, temperature=args.temperature,
                                          num_iter=args.num_iter, num_steps=args.num_steps)
-    meta = {"prompt": args.prompt, "seed": seed, "edit": chosen[0], "source_image": str(args.image),
-            **{k: v for k, v in out.settings.items()}, "model_path": str(folder),
-            "dtype": str(model.dtype).split(".")[-1], "harmon_version": _version(), "software": f"harmon {_version()}"}
-    meta["parameters"] = json.dumps(meta, sort_keys=True)
+    meta = image_metadata({"prompt": args.prompt, "seed": seed, "edit": chosen[0], "source_image": str(args.image),
+                           **out.settings}, model, folder)
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, png_bytes(out.images[0], meta))

@@ -1,24 +1,17 @@
 """The model's side of the server: jobs that run on the worker thread (text to image, image edits, chat)."""
 from __future__ import annotations
 
-import json
 import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from ..batch import png_bytes
+from ..batch import image_metadata, png_bytes
 from ..pipelines import ChatSession, EditPipeline, ImageToTextPipeline, TextToImagePipeline
 from ..sampling import StepInfo
 from .inputs import ChatParams, EditParams, GenerationParams
 from .worker import Job
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 class Engine:
@@ -55,12 +48,10 @@ class Engine:
         num_steps = str(p.num_steps or self.model.config.mar.num_sampling_steps)
         out = []
         for image, seed in zip(images, seeds):
-            meta = {"prompt": p.prompt, "seed": seed, "cfg": p.guidance_scale, "cfg_schedule": "constant",
-                    "temperature": p.temperature, "num_iter": p.num_iter, "num_steps": num_steps,
-                    "height": p.height, "width": p.width, "model": self.name, "model_path": self.model_path,
-                    "dtype": str(self.model.dtype).split(".")[-1], "harmon_version": _version(),
-                    "software": f"harmon {_version()}"}
-            meta["parameters"] = json.dumps(meta, sort_keys=True)
+            meta = image_metadata({"prompt": p.prompt, "seed": seed, "cfg": p.guidance_scale,
+                                   "cfg_schedule": "constant", "temperature": p.temperature, "num_iter": p.num_iter,
+                                   "num_steps": num_steps, "height": p.height, "width": p.width},
+                                  self.model, self.model_path)
             out.append({"png": png_bytes(image, meta), "seed": seed, "metadata": meta})
         return out
 
@@ -75,13 +66,12 @@ class Engine:
         out = self.editor(p.region, p.prompt, seed=p.seed, guidance_scale=p.guidance_scale,
                           temperature=p.temperature, num_iter=p.num_iter, num_steps=p.num_steps)
         image, settings = out.images[0], out.settings
-        meta = {"prompt": p.prompt, "seed": p.seed, "edit_mode": p.mode, **p.details, "cfg": p.guidance_scale,
-                "cfg_schedule": settings["cfg_schedule"], "temperature": p.temperature, "num_iter": p.num_iter,
-                "num_steps": settings["num_steps"], "height": image.height, "width": image.width,
-                "known_tokens": settings["known_tokens"], "generated_tokens": settings["generated_tokens"],
-                "model": self.name, "model_path": self.model_path, "dtype": str(self.model.dtype).split(".")[-1],
-                "harmon_version": _version(), "software": f"harmon {_version()}"}
-        meta["parameters"] = json.dumps(meta, sort_keys=True)
+        meta = image_metadata({"prompt": p.prompt, "seed": p.seed, "edit_mode": p.mode, **p.details,
+                               "cfg": p.guidance_scale, "cfg_schedule": settings["cfg_schedule"],
+                               "temperature": p.temperature, "num_iter": p.num_iter,
+                               "num_steps": settings["num_steps"], "height": image.height, "width": image.width,
+                               "known_tokens": settings["known_tokens"],
+                               "generated_tokens": settings["generated_tokens"]}, self.model, self.model_path)
         return {"png": png_bytes(image, meta), "seed": p.seed, "metadata": meta}
 
     # -- image understanding ---------------------------------------------------------------------
