@@ -56,12 +56,10 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we have no use for (user, ...)
 
 
-class ImageRequest(_Body):
-    """``POST /v1/images/generations``: OpenAI's fields plus Harmon's settings."""
+class _ImageBody(_Body):
+    """OpenAI's image-request fields and Harmon's sampling settings, shared by generations and edits."""
 
-    prompt: str
     n: int = 1
-    size: str | None = None  # "WIDTHxHEIGHT"
     response_format: str | None = "b64_json"
     model: str | None = None
     seed: int | None = None
@@ -70,6 +68,13 @@ class ImageRequest(_Body):
     num_steps: int | None = None
     temperature: float = 1.0
     stream: bool = False
+
+
+class ImageRequest(_ImageBody):
+    """``POST /v1/images/generations``: OpenAI's fields plus Harmon's settings."""
+
+    prompt: str
+    size: str | None = None  # "WIDTHxHEIGHT"
 
 
 class ImageURL(_Body):
@@ -129,7 +134,7 @@ class GenerationParams:
     temperature: float
 
 
-def _sampling_settings(req: ImageRequest | EditRequest, s: ServerSettings) -> tuple[float, int, int | None]:
+def _sampling_settings(req: _ImageBody, s: ServerSettings) -> tuple[float, int, int | None]:
     """Check the seed, guidance, iterations, diffusion steps and temperature shared by generations and edits;
     returns (guidance, num_iter, num_steps) with the server's defaults filled in."""
     if req.seed is not None:
@@ -184,7 +189,7 @@ class ChatParams:
     seed: int | None
 
 
-class EditRequest(_Body):
+class EditRequest(_ImageBody):
     """``POST /v1/images/edits``: OpenAI's images/edits as JSON, with the image (and mask) as data: URLs."""
 
     image: str | None = None
@@ -194,15 +199,6 @@ class EditRequest(_Body):
     box: list[int] | None = None  # inpaint: [left, top, right, bottom] in pixels
     extend: list[int] | None = None  # outpaint: [left, top, right, bottom] margins in pixels
     strength: float | None = None  # variation: the fraction of tokens regenerated
-    n: int = 1
-    response_format: str | None = "b64_json"
-    model: str | None = None
-    seed: int | None = None
-    guidance_scale: float | None = None
-    num_iter: int | None = None
-    num_steps: int | None = None
-    temperature: float = 1.0
-    stream: bool = False
 
 
 EDIT_MODES = ("inpaint", "outpaint", "variation")
