@@ -14,6 +14,7 @@ import torch
 import pytest
 from PIL import Image
 
+from cli_helpers import assert_user_error
 from harmon.batch import (PromptFileError, Shard, blocks_for_rank, load_prompts, parse_prompts, png_complete,
                           shard_from_env, work_items)
 from harmon.checkpoint import load_model, save_model
@@ -61,15 +62,6 @@ def write(path: Path, text: str) -> Path:
 
 def batch(model_dir, prompts, out, *extra) -> list[str]:
     return ["batch", str(prompts), "--model", str(model_dir), "--out-dir", str(out), *FAST, *extra]
-
-
-def assert_user_error(code, capsys, *words):
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("harmon: error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    for word in words:
-        assert word in err, err
 
 
 def mtimes(out: Path) -> dict[str, int]:

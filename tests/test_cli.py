@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cli_helpers import assert_user_error
 from harmon import __version__
 from harmon.checkpoint import load_model, save_model, save_original
 from harmon.cli import main
@@ -39,15 +40,6 @@ def photo(tmp_path):
     path = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 72, 3), dtype=np.uint8)).save(path)
     return path
-
-
-def assert_user_error(code, capsys, *words):
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("harmon: error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    for word in words:
-        assert word in err, err
 
 
 def test_generate_metadata_seeds_and_grid(model_dir, tmp_path, capsys):

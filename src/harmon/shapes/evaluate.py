@@ -216,15 +216,21 @@ def score_image(prompt: dict[str, Any], image: Image.Image, **analyze_kwargs) ->
     return {"correct": ok, "reason": reason, "detections": [d.to_dict() for d in dets]}
 
 
+def _grouped_accuracy(groups: Iterable[str], correct: Iterable[bool], order: Sequence[str]
+                      ) -> tuple[dict[str, float], dict[str, int], float]:
+    """Accuracy per group (known groups in ``order`` first), counts, and the mean of the group scores."""
+    per: dict[str, list[bool]] = {}
+    for g, ok in zip(groups, correct):
+        per.setdefault(g, []).append(bool(ok))
+    ordered = [g for g in order if g in per] + sorted(g for g in per if g not in order)
+    scores = {g: sum(per[g]) / len(per[g]) for g in ordered}
+    overall = float(np.mean(list(scores.values()))) if scores else 0.0
+    return scores, {g: len(per[g]) for g in ordered}, overall
+
+
 def summarize(categories: Iterable[str], correct: Iterable[bool]) -> dict[str, Any]:
     """Per-category accuracy and GenEval's overall score (mean of the category scores)."""
-    per: dict[str, list[bool]] = {}
-    for c, ok in zip(categories, correct):
-        per.setdefault(c, []).append(bool(ok))
-    ordered = [c for c in world.CATEGORIES if c in per] + sorted(c for c in per if c not in world.CATEGORIES)
-    scores = {c: sum(per[c]) / len(per[c]) for c in ordered}
-    counts = {c: len(per[c]) for c in ordered}
-    overall = float(np.mean(list(scores.values()))) if scores else 0.0
+    scores, counts, overall = _grouped_accuracy(categories, correct, world.CATEGORIES)
     return {"per_category": scores, "counts": counts, "overall": overall}
 
 
@@ -234,13 +240,9 @@ def answer_correct(predicted: str, expected: str) -> bool:
 
 
 def summarize_answers(types: Iterable[str], correct: Iterable[bool]) -> dict[str, Any]:
-    per: dict[str, list[bool]] = {}
-    for t, ok in zip(types, correct):
-        per.setdefault(t, []).append(bool(ok))
-    ordered = [t for t in world.QUESTION_TYPES if t in per] + sorted(t for t in per if t not in world.QUESTION_TYPES)
-    scores = {t: sum(per[t]) / len(per[t]) for t in ordered}
-    return {"per_type": scores, "counts": {t: len(per[t]) for t in ordered},
-            "overall": float(np.mean(list(scores.values()))) if scores else 0.0}
+    """Exact-match accuracy per question type, and the mean of the type scores."""
+    scores, counts, overall = _grouped_accuracy(types, correct, world.QUESTION_TYPES)
+    return {"per_type": scores, "counts": counts, "overall": overall}
 
 
 # -- evaluating a model ------------------------------------------------------------------------------------
