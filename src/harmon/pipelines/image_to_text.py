@@ -107,9 +107,10 @@ class ImageToTextPipeline:
         if not isinstance(question, str) or not question.strip():
             raise ValueError("the question is empty")
         embeds = self.prompt_embeds(chat_prompt(f"{IMAGE_TOKEN}\n{question}"), self.image_embeds(image))
-        yield from self._decode_text(self.generate_ids(embeds, **decode))
+        yield from self.decode_text(self.generate_ids(embeds, **decode))
 
-    def _decode_text(self, ids: Iterator[int]) -> Iterator[str]:
+    def decode_text(self, ids: Iterator[int]) -> Iterator[str]:
+        """Token ids -> text pieces as they become printable (a split multi-byte character waits)."""
         tokens: list[int] = []
         emitted = ""
         for token in ids:
@@ -151,7 +152,7 @@ class ChatSession:
             raise ValueError("the question is empty")
         embeds = self.pipeline.prompt_embeds(self.conversation(question), self.image_embeds)
         answer = ""
-        for piece in self.pipeline._decode_text(self.pipeline.generate_ids(embeds, **decode)):
+        for piece in self.pipeline.decode_text(self.pipeline.generate_ids(embeds, **decode)):
             answer += piece
             yield piece
         self.history.append((question, answer))

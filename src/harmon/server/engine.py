@@ -95,7 +95,7 @@ class Engine:
                 yield token
 
         pieces = []
-        for piece in self.image_to_text._decode_text(counted(self.image_to_text.generate_ids(embeds, **decode))):
+        for piece in self.image_to_text.decode_text(counted(self.image_to_text.generate_ids(embeds, **decode))):
             pieces.append(piece)
             job.emit("text", piece)
         return {"text": "".join(pieces), "prompt_tokens": int(embeds.shape[1]), "completion_tokens": count,
