@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,8 +11,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 
 from cli_helpers import assert_user_error
@@ -281,11 +282,30 @@ def test_torchrun_two_ranks_share_the_work(model_dir, pipe, tmp_path):
     assert not temp_files(out)
 
 
-def test_kill_and_resume(model_dir, tmp_path):
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun starts its ranks in sessions of their own)."""
+    tree, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        tree.append(parent)
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True, text=True)
+        todo += [int(c) for c in children.stdout.split()]
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_kill_and_resume(model_dir, tmp_path, ranks):
+    """SIGKILL mid-run (the launcher and every rank at once), then the same command finishes the job."""
     prompts = write(tmp_path / "p.json", json.dumps(["a red circle", "a blue square"]))
     out = tmp_path / "out"
     n = 24
-    cmd = [sys.executable, "-m", "harmon.cli",
+    launcher = [sys.executable] if ranks == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    cmd = [*launcher, "-m", "harmon.cli",
            *batch(model_dir, prompts, out, "--num-images", str(n // 2), "--batch-size", "1", "--device", "cpu")]
     log = tmp_path / "first_run.log"
     with open(log, "wb") as fh:
@@ -295,7 +315,7 @@ def test_kill_and_resume(model_dir, tmp_path):
         # the first image files: a PNG and its sidecar (written after the PNG)
         while not list(out.glob("*_*.json")) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
+        kill_tree(proc.pid)
     finally:
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, f"not killed mid-run (exit {proc.returncode}): {log.read_text()}"
@@ -305,8 +325,10 @@ def test_kill_and_resume(model_dir, tmp_path):
 
     again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stdout + again.stderr
-    summary = again.stdout.splitlines()[-1]
-    assert summary.startswith(f"rank 0/1: {n - len(finished)} done, {len(finished)} skipped, {n} total"), summary
+    summaries = [line for line in again.stdout.splitlines() if line.startswith("rank ")]
+    assert len(summaries) == ranks, again.stdout
+    counts = [re.match(r"rank \d+/\d+: (\d+) done, (\d+) skipped", line).groups() for line in summaries]
+    assert sum(int(d) for d, _ in counts) == n - len(finished) and sum(int(k) for _, k in counts) == len(finished)
     for i in range(2):
         for k in range(n // 2):
             png = out / f"{i:05d}_{k:02d}.png"
