@@ -1,13 +1,14 @@
 """Load test for `harmon serve`: concurrent clients on loopback for a bounded time.
 
 Either point it at a running server on this machine (``--url http://127.0.0.1:8000``) or let
-it start one (``--model DIR``; tiny settings by default). Each client loops over a mix of
+it start one (``--model DIR``, or neither for the shipped default model, with the model's own
+settings unless ``--size`` / ``--num-iter`` / ``--num-steps`` / ``--image-size`` are given). Each client loops over a mix of
 image generations, chat completions and streamed chat completions until ``--duration``
 seconds have passed. It reports completed requests, errors split into rejected (429, the
 queue was full: expected under overload) and failed (anything else: must be zero), latency
 percentiles of completed requests, and checks the server still answers afterwards.
 
-    .venv/bin/python benchmarks/load_test.py --model /tmp/tiny-model --clients 8 --duration 30
+    .venv/bin/python benchmarks/load_test.py --clients 8 --duration 30
 
 Exit status 0 only when no accepted request failed and the server answered afterwards.
 Only loopback addresses are allowed: this never sends load anywhere else.
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+COLORS = ("red", "green", "blue", "yellow", "purple", "orange")  # prompts of the shapes world (any text works)
+SHAPES = ("circle", "square", "triangle")
 
 
 @dataclass
@@ -109,8 +112,8 @@ class Client:
     def one(self) -> None:
         kind = self.random.choice(["image", "chat", "chat_stream"])
         if kind == "image":
-            path, body = "/v1/images/generations", {"prompt": f"a test pattern {self.random.randrange(1000)}",
-                                                   "seed": self.random.randrange(2**31)}
+            prompt = f"a {self.random.choice(COLORS)} {self.random.choice(SHAPES)}"
+            path, body = "/v1/images/generations", {"prompt": prompt, "seed": self.random.randrange(2**31)}
         else:
             path = "/v1/chat/completions"
             body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is in the image?"},
@@ -185,14 +188,15 @@ def wait_healthy(host: str, port: int, timeout: float, process: subprocess.Popen
 
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
-    """`harmon serve` on a free loopback port, with small settings so the test measures the server."""
+    """`harmon serve` on a free loopback port (the default model when ``--model`` is absent)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "harmon.cli", "serve", "--model", args.model, "--host", "127.0.0.1",
-               "--port", str(port), "--queue-size", str(args.queue_size), "--size", str(args.size),
-               "--num-iter", str(args.num_iter), "--num-steps", str(args.num_steps),
-               "--image-size", str(args.image_size), "--device", args.device, "--log-level", "warning"]
+    command = [sys.executable, "-m", "harmon.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--queue-size", str(args.queue_size), "--device", args.device, "--log-level", "warning"]
+    for option in ("model", "size", "num_iter", "num_steps", "image_size"):
+        if getattr(args, option) is not None:
+            command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=sys.stderr)
     if not wait_healthy("127.0.0.1", port, 180, process):
         process.kill()
@@ -202,20 +206,21 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    where = p.add_mutually_exclusive_group(required=True)
+    where = p.add_mutually_exclusive_group()
     where.add_argument("--url", help="a running server on loopback, e.g. http://127.0.0.1:8000")
-    where.add_argument("--model", help="start `harmon serve --model MODEL` for the test")
+    where.add_argument("--model", help="start `harmon serve --model MODEL` for the test (default: start it with "
+                       "the shipped model)")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds before a request counts as failed")
     p.add_argument("--max-tokens", type=int, default=16, help="max_tokens of chat requests")
     p.add_argument("--api-key", default=os.environ.get("HARMON_API_KEY"), help="API key of the server")
-    g = p.add_argument_group("server started with --model")
+    g = p.add_argument_group("a server started here (without --url); None: the model's own settings")
     g.add_argument("--queue-size", type=int, default=4)
-    g.add_argument("--size", type=int, default=64)
-    g.add_argument("--num-iter", type=int, default=2)
-    g.add_argument("--num-steps", type=int, default=2)
-    g.add_argument("--image-size", type=int, default=64)
+    g.add_argument("--size", type=int, default=None)
+    g.add_argument("--num-iter", type=int, default=None)
+    g.add_argument("--num-steps", type=int, default=None)
+    g.add_argument("--image-size", type=int, default=None)
     g.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)

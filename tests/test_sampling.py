@@ -120,3 +120,30 @@ def test_mask_schedule_formula():
     assert lens[:5] == [255, 254, 253, 252, 251] and lens[-4:] == [18, 12, 6, 1]
     assert next_mask_len(16, 0, 1, 16) == 1  # one step: clamped to >= 1, the loop predicts all remaining
     assert cfg_at_step(3.0, "linear", 16, 14) == 1.25 and cfg_at_step(3.0, "constant", 16, 14) == 3.0
+
+
+def test_respacing_strings_of_the_original():
+    from harmon.diffusion import GaussianDiffusion, ddim_count, respaced_timesteps
+
+    assert respaced_timesteps(1000, "100")[-1] == 999 and len(respaced_timesteps(1000, "100")) == 100
+    assert respaced_timesteps(1000, "ddim100") == list(range(0, 1000, 10))
+    assert respaced_timesteps(1000, "ddim5") == [0, 200, 400, 600, 800]
+    with pytest.raises(ValueError, match="integer stride"):
+        respaced_timesteps(1000, "ddim37")
+    assert ddim_count(1000, 37) == 39 and ddim_count(1000, 44) == 44  # ddim38 (stride 27) would end at 999
+    assert all(respaced_timesteps(1000, f"ddim{ddim_count(1000, n)}")[-1] < 999 for n in range(2, 200))
+    # the first step of "100" amplifies an error of the predicted noise ~300x, that of "ddim100" ~1.5x
+    for spec, lo, hi in (("100", 250, 400), ("ddim100", 0.5, 3)):
+        tables = GaussianDiffusion.respaced(spec).tables
+        gain = tables["sqrt_recipm1_alphas_cumprod"][-1] * tables["posterior_mean_coef1"][-1]
+        assert lo < gain < hi, (spec, gain)
+
+
+def test_step_counts_keep_the_models_respacing_style():
+    from harmon.models.diffusion_head import DiffLoss
+
+    released, ddim = DiffLoss(4, 8, 16, 1, "100"), DiffLoss(4, 8, 16, 1, "ddim100")
+    assert released.sampling_spec(None) == "100" and released.sampling_spec(37) == "37"
+    assert ddim.sampling_spec(None) == "ddim100" and ddim.sampling_spec(37) == "ddim39"
+    assert ddim.sampling_spec("10,5") == "10,5" and ddim.sampling_spec("ddim25") == "ddim25"
+    assert ddim.sampling_process(37).timestep_map[-1] == 26 * 38

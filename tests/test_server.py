@@ -86,6 +86,21 @@ class Server:
 
 
 @pytest.fixture(scope="module")
+def default_server():
+    """A server with the shipped default model and its own settings (as `harmon serve` without --model)."""
+    from harmon.checkpoint import load_model
+    from harmon.hub import default_model_folder, load_tokenizer
+
+    folder = default_model_folder()
+    model = load_model(folder, dtype=torch.float32)
+    engine = Engine(model, load_tokenizer(folder, int(model.config.llm["vocab_size"])), folder)
+    s = Server(create_app(engine, ServerSettings(size=model.config.image_size, num_iter=model.config.num_iter,
+                                                 image_size=model.config.image_size)))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
 def server(engine):
     s = Server(create_app(engine, ServerSettings(queue_size=2, max_upload_bytes=200_000,
                                                  max_image_pixels=512 * 512, max_prompt_chars=300, **TINY)))
@@ -441,21 +456,25 @@ def _wait(driver, condition, timeout: float = 60.0):
     return WebDriverWait(driver, timeout).until(condition)
 
 
-def test_web_page_generates_and_chats(server, browser, picture, tmp_path):
+def test_web_page_generates_and_chats(default_server, browser, tmp_path):
+    """The shipped model behind the page: it draws the prompt and answers about an uploaded scene."""
     from selenium.webdriver.common.by import By
 
+    from harmon.shapes import evaluate as ev
+    from harmon.shapes import world
+
+    server, prompt = default_server, "a red circle to the left of a blue square"
     d = browser
     d.get(f"http://127.0.0.1:{server.port}/")
-    assert "Harmon" in d.title
-    d.find_element(By.ID, "prompt").send_keys("a dog on the left and a cat on the right")
+    assert "Harmon" in d.title and "shapes" in d.page_source
+    d.find_element(By.ID, "prompt").send_keys(prompt)
     d.find_element(By.ID, "seed").send_keys("42")
-    d.find_element(By.ID, "num-iter").clear()
-    d.find_element(By.ID, "num-iter").send_keys("3")
+    assert d.find_element(By.ID, "num-iter").get_attribute("value") == "16"  # the model's default
     d.find_element(By.ID, "generate").click()
     _wait(d, lambda drv: drv.find_element(By.ID, "gen-gallery").get_attribute("data-done") == "1")
     assert d.find_element(By.ID, "gen-status").text == "Done: 1 image(s)."
     assert d.execute_script("return [document.getElementById('gen-progress').value, "
-                            "document.getElementById('gen-progress').max]") == [3, 3]
+                            "document.getElementById('gen-progress').max]") == [16, 16]
     image = d.find_element(By.CSS_SELECTOR, "img.gen-image")
     _wait(d, lambda drv: drv.execute_script("return arguments[0].naturalWidth", image) == 64)
     link = d.find_element(By.CSS_SELECTOR, "a.gen-download")
@@ -464,19 +483,20 @@ def test_web_page_generates_and_chats(server, browser, picture, tmp_path):
         "const done = arguments[1]; fetch(arguments[0]).then(r => r.arrayBuffer()).then(b => "
         "done(btoa(String.fromCharCode(...new Uint8Array(b)))))", link.get_attribute("href"))
     png = Image.open(io.BytesIO(base64.b64decode(downloaded)))
-    assert png.text["prompt"] == "a dog on the left and a cat on the right" and png.text["seed"] == "42"
-    assert png.text["num_iter"] == "3"
+    assert png.text["prompt"] == prompt and png.text["seed"] == "42" and png.text["num_iter"] == "16"
+    shapes_found = {(det.color, det.shape) for det in ev.analyze(png.convert("RGB"))}
+    assert {("red", "circle"), ("blue", "square")} <= shapes_found, shapes_found
     d.save_screenshot(str(tmp_path / "t2i.png"))
 
+    picture = world.render(world.Scene((world.Obj("triangle", "green", 20, 40, 18),
+                                        world.Obj("circle", "orange", 46, 22, 16)), 64))
     picture_file = tmp_path / "picture.png"
     picture.save(picture_file)
     d.find_element(By.ID, "tab-chat").click()
     d.find_element(By.ID, "chat-image").send_keys(str(picture_file))
     _wait(d, lambda drv: drv.find_element(By.ID, "chat-preview").is_displayed())
-    d.find_element(By.ID, "max-tokens").clear()
-    d.find_element(By.ID, "max-tokens").send_keys("5")
     answers = []
-    for question in ("What is in the image?", "What colour is it?"):
+    for question in ("What color is the triangle?", "How many circles are there?"):
         d.find_element(By.ID, "chat-question").send_keys(question)
         d.find_element(By.ID, "chat-send").click()
         _wait(d, lambda drv: len(drv.find_elements(By.CSS_SELECTOR, ".bubble.assistant[data-done='1']"))
@@ -486,13 +506,14 @@ def test_web_page_generates_and_chats(server, browser, picture, tmp_path):
         answers.append(d.execute_script("return arguments[0].textContent", bubble))
     d.save_screenshot(str(tmp_path / "chat.png"))
     assert [b.text for b in d.find_elements(By.CSS_SELECTOR, ".bubble.user")] == \
-        ["What is in the image?", "What colour is it?"]
+        ["What color is the triangle?", "How many circles are there?"]
+    assert answers == ["green", "one"]
     # the page's streamed answers are the API's answers to the same conversation
     url = data_url(picture)
-    first = server.post("/v1/chat/completions", chat_body(url, "What is in the image?", max_tokens=5))[1]
-    assert answers[0] == first["choices"][0]["message"]["content"] and len(answers[0]) > 0
+    first = server.post("/v1/chat/completions", chat_body(url, "What color is the triangle?"))[1]
+    assert answers[0] == first["choices"][0]["message"]["content"]
     second = server.post("/v1/chat/completions",
-                         chat_body(url, "What is in the image?", answers[0], "What colour is it?", max_tokens=5))[1]
+                         chat_body(url, "What color is the triangle?", answers[0], "How many circles are there?"))[1]
     assert answers[1] == second["choices"][0]["message"]["content"]
 
 

@@ -463,8 +463,8 @@ def _print_line(text: str) -> None:
 
 def run_batch(prompts: PathLike | Sequence[PromptRecord], model: PathLike, out_dir: PathLike, *, seed: int = 0,
               num_images: int = 1, batch_size: int = 4, geneval: bool = False, cfg: float = 3.0,
-              cfg_schedule: str = "constant", temperature: float = 1.0, num_iter: int = 64,
-              num_steps: int | None = None, height: int = 512, width: int | None = None, device: str = "auto",
+              cfg_schedule: str = "constant", temperature: float = 1.0, num_iter: int | None = None,
+              num_steps: int | None = None, height: int | None = None, width: int | None = None, device: str = "auto",
               dtype: str = "auto", shard: Shard | None = None, progress: bool = True,
               log: Callable[[str], None] | None = None) -> BatchSummary:
     """Generate this rank's share of the images of ``prompts`` into ``out_dir`` (see the module docstring).
@@ -483,10 +483,12 @@ def run_batch(prompts: PathLike | Sequence[PromptRecord], model: PathLike, out_d
         raise BatchError("no prompts given")
     if [p.index for p in records] != list(range(len(records))):
         raise BatchError("prompt records must be numbered 0, 1, 2, ... in order")
-    width = height if width is None else width
-    _check_options(num_images, batch_size, seed, cfg, cfg_schedule, temperature, num_iter, num_steps)
     folder = resolve_model_folder(model)
     config = read_config(folder)
+    height = config.image_size if height is None else height
+    width = height if width is None else width
+    num_iter = config.num_iter if num_iter is None else num_iter
+    _check_options(num_images, batch_size, seed, cfg, cfg_schedule, temperature, num_iter, num_steps)
     check_image_size(height, width, config.mar.vae_stride)
     shard = shard if shard is not None else shard_from_env()
     torch_device = _device_for(device, shard)
@@ -495,13 +497,12 @@ def run_batch(prompts: PathLike | Sequence[PromptRecord], model: PathLike, out_d
     if out.exists() and not out.is_dir():
         raise BatchError(f"--out-dir is not a folder: {out}")
 
-    steps = int(num_steps) if num_steps is not None else int(config.mar.num_sampling_steps)
     settings = {
         "model": config.name, "model_fingerprint": model_fingerprint(folder),
         "prompts": len(records), "prompts_sha256": prompts_digest(records),
         "seed": seed, "num_images": num_images, "layout": "geneval" if geneval else "default",
         "height": height, "width": width, "cfg": float(cfg), "cfg_schedule": cfg_schedule,
-        "temperature": float(temperature), "num_iter": num_iter, "num_steps": steps,
+        "temperature": float(temperature), "num_iter": num_iter, "num_steps": num_steps,
         "dtype": str(torch_dtype).split(".")[-1],
     }
     from . import __version__

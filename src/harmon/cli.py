@@ -15,8 +15,6 @@ from pathlib import Path
 
 EXIT_USER_ERROR = 2
 DEFAULT_QUESTION = "Describe this image in detail."
-NO_MODEL = ("--model is required: there is no default model yet. Pass --model MODEL_DIR, a folder written by "
-            "`harmon convert --pth harmon_1.5b.pth --vae kl16.ckpt --out MODEL_DIR`")
 
 
 class UserError(Exception):
@@ -31,11 +29,9 @@ def _version() -> str:
 
 
 def _model_folder(args: argparse.Namespace) -> Path:
-    from .hub import resolve_model_folder
+    from .hub import default_model_folder, resolve_model_folder
 
-    if not args.model:
-        raise UserError(NO_MODEL)
-    return resolve_model_folder(args.model)
+    return resolve_model_folder(args.model if args.model else default_model_folder())
 
 
 def _load(args: argparse.Namespace, folder: Path):
@@ -52,7 +48,7 @@ def _load(args: argparse.Namespace, folder: Path):
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="DIR", help="model folder (from `harmon convert`), or a Hugging Face repo id "
-                   "already in the local cache; required for now")
+                   "already in the local cache (default: the shapes-world model shipped with harmon)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where to run (default: auto = cuda, else mps, else cpu)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -64,13 +60,16 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 disables it)")
     p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant", help="guidance schedule")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--num-iter", type=int, default=64, metavar="N", help="MAR iterations")
+    p.add_argument("--num-iter", type=int, default=None, metavar="N",
+                   help="MAR iterations (default: the model's, 64 for the released models)")
     p.add_argument("--num-steps", type=int, default=None, metavar="N",
                    help="diffusion steps per token (default: the model's, 100 for the released models)")
 
 
 def _add_size_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size", type=int, default=512, metavar="PX", help="square image side (multiple of 16)")
+    p.add_argument("--size", type=int, default=None, metavar="PX",
+                   help="square image side, a multiple of the VAE stride (default: the model's, 512 for the released "
+                   "models)")
     p.add_argument("--height", type=int, default=None, metavar="H", help="image height (overrides --size)")
     p.add_argument("--width", type=int, default=None, metavar="W", help="image width (overrides --size)")
 
@@ -86,8 +85,8 @@ def _add_decode_options(p: argparse.ArgumentParser) -> None:
                    help="nucleus sampling threshold in (0, 1], with --sample (default: 1.0)")
     g.add_argument("--seed", type=int, default=None, metavar="S",
                    help="seed of the sampling generator, with --sample (default: random)")
-    g.add_argument("--image-size", type=int, default=512, metavar="PX",
-                   help="side the image is padded and resized to (default: 512)")
+    g.add_argument("--image-size", type=int, default=None, metavar="PX",
+                   help="side the image is padded and resized to (default: the model's, 512 for the released models)")
 
 
 def _decode_kwargs(args: argparse.Namespace) -> dict:
@@ -112,10 +111,24 @@ def _check_understanding_inputs(args: argparse.Namespace, folder: Path):
     from .processing import load_image
 
     image = load_image(args.image)
-    stride = read_config(folder).mar.vae_stride
+    config = read_config(folder)
+    if args.image_size is None:
+        args.image_size = config.image_size
+    stride = config.mar.vae_stride
     if args.image_size < stride or args.image_size % stride:
         raise UserError(f"--image-size must be a positive multiple of {stride}, got {args.image_size}")
     return image
+
+
+def _image_shape(args: argparse.Namespace, config) -> tuple[int, int]:
+    """(height, width) from --size / --height / --width, the model's image size where none is given; checked."""
+    from .processing import check_image_size
+
+    size = config.image_size if args.size is None else args.size
+    height = args.height if args.height is not None else size
+    width = args.width if args.width is not None else (size if args.height is None else height)
+    check_image_size(height, width, config.mar.vae_stride)
+    return height, width
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -167,7 +180,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .batch import image_metadata, png_bytes, write_atomic
     from .checkpoint import read_config
     from .pipelines import TextToImagePipeline
-    from .processing import check_image_size
 
     prompt = args.prompt
     if not prompt.strip():
@@ -176,11 +188,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError(f"--num-images must be >= 1, got {args.num_images}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    height = args.height if args.height is not None else args.size
-    width = args.width if args.width is not None else (args.size if args.height is None else height)
     folder = _model_folder(args)
-    config = read_config(folder)
-    check_image_size(height, width, config.mar.vae_stride)  # fail before loading the weights
+    height, width = _image_shape(args, read_config(folder))  # fail before loading the weights
     start = args.seed if args.seed is not None else secrets.randbits(31)
     seeds = [start + k for k in range(args.num_images)]
     paths, grid_path = _output_paths(args, seeds)
@@ -231,6 +240,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     import torch
 
     from .batch import image_metadata, png_bytes, write_atomic
+    from .checkpoint import read_config
     from .pipelines import EditPipeline, inpaint_region, outpaint_region, variation_region
 
     chosen = [name for name in ("mask", "box", "extend", "strength") if getattr(args, name) is not None]
@@ -241,16 +251,17 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if not args.out.lower().endswith(".png"):
         raise UserError(f"--out must name a .png file, got {args.out}")
     seed = args.seed if args.seed is not None else secrets.randbits(31)
+    folder = _model_folder(args)
+    stride = read_config(folder).mar.vae_stride
     if args.mask is not None:
-        region = inpaint_region(args.image, args.mask)
+        region = inpaint_region(args.image, args.mask, stride=stride)
     elif args.box is not None:
-        region = inpaint_region(args.image, _parse_box(args.box, "--box"))
+        region = inpaint_region(args.image, _parse_box(args.box, "--box"), stride=stride)
     elif args.extend is not None:
         left, top, right, bottom = _parse_box(args.extend, "--extend")
-        region = outpaint_region(args.image, left=left, top=top, right=right, bottom=bottom)
+        region = outpaint_region(args.image, left=left, top=top, right=right, bottom=bottom, stride=stride)
     else:
-        region = variation_region(args.image, args.strength, torch.Generator().manual_seed(seed))
-    folder = _model_folder(args)
+        region = variation_region(args.image, args.strength, torch.Generator().manual_seed(seed), stride=stride)
     model, tokenizer = _load(args, folder)
     out = EditPipeline(model, tokenizer)(region, args.prompt, seed=seed, guidance_scale=args.cfg,
                                          cfg_schedule=args.cfg_schedule, temperature=args.temperature,
@@ -268,10 +279,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     """Many prompts from a JSON/JSONL file -> images in a folder; resumable and shardable under torchrun."""
     from .batch import run_batch
+    from .checkpoint import read_config
 
-    height = args.height if args.height is not None else args.size
-    width = args.width if args.width is not None else (args.size if args.height is None else height)
     folder = _model_folder(args)
+    height, width = _image_shape(args, read_config(folder))
     run_batch(args.prompts_file, folder, args.out_dir, seed=args.seed, num_images=args.num_images,
               batch_size=args.batch_size, geneval=args.geneval, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
               temperature=args.temperature, num_iter=args.num_iter, num_steps=args.num_steps, height=height,
@@ -347,7 +358,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     folder = _model_folder(args)
-    stride = read_config(folder).mar.vae_stride
+    config = read_config(folder)
+    stride = config.mar.vae_stride
+    args.size = config.image_size if args.size is None else args.size
+    args.image_size = config.image_size if args.image_size is None else args.image_size
+    args.num_iter = config.num_iter if args.num_iter is None else args.num_iter
     for name in ("size", "max_size", "image_size"):
         value = getattr(args, name)
         if value < stride or value % stride:
@@ -573,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_size_options(p)
     p.add_argument("--grid", action="store_true", help="also write one grid image of all outputs")
     p.add_argument("--fast", action="store_true",
-                   help="fast mode: 32 MAR iterations, diffusion steps annealed 50 -> 5 (replaces --num-iter/--num-steps)")
+                   help="fast mode: half the model's MAR iterations (32 for the released models), diffusion steps "
+                   "annealed 50 -> 5 (replaces --num-iter/--num-steps)")
     p.add_argument("--batch-size", type=int, default=4, metavar="B", help="images generated at once")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
@@ -581,8 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("edit", help="inpaint, outpaint or vary an image under a prompt",
                        description="Complete a partly known image: the known region's latent tokens are kept and "
                        "only the rest is generated, in the same MAR loop as text to image. Choose one of --mask "
-                       "(white = regenerate), --box L,T,R,B (pixels), --extend L,T,R,B (margins, multiples of 16) "
-                       "or --strength S (regenerate that fraction of tokens at random, chosen by the seed).",
+                       "(white = regenerate), --box L,T,R,B (pixels), --extend L,T,R,B (margins, multiples of "
+                       "the VAE stride) or --strength S (regenerate that fraction of tokens at random, chosen by "
+                       "the seed).",
                        formatter_class=fmt)
     p.add_argument("image", help="the image to edit")
     p.add_argument("prompt", help="what the edited image shows")
@@ -590,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="edited.png", metavar="FILE.png", help="output file")
     p.add_argument("--mask", metavar="MASK.png", help="inpainting mask, same size as the image (white = regenerate)")
     p.add_argument("--box", metavar="L,T,R,B", help="inpaint this box (pixels)")
-    p.add_argument("--extend", metavar="L,T,R,B", help="outpaint: margins to add (pixels, multiples of 16)")
+    p.add_argument("--extend", metavar="L,T,R,B", help="outpaint: margins to add (pixels, multiples of the model's VAE stride: 16, or 8 "
+                   "for the shapes model)")
     p.add_argument("--strength", type=float, metavar="S", help="variations: fraction of tokens to regenerate (0, 1]")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="seed (default: random)")
     _add_generation_options(p)
@@ -647,13 +665,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $HARMON_API_KEY, else none)")
     p.add_argument("--queue-size", type=int, default=8, metavar="N", help="requests that may wait for the model")
-    p.add_argument("--size", type=int, default=512, metavar="PX", help="default image side for generation")
+    p.add_argument("--size", type=int, default=None, metavar="PX",
+                   help="default image side for generation (default: the model's)")
     p.add_argument("--max-size", type=int, default=1024, metavar="PX", help="largest image side a request may ask")
-    p.add_argument("--num-iter", type=int, default=64, metavar="N", help="default MAR iterations")
+    p.add_argument("--num-iter", type=int, default=None, metavar="N",
+                   help="default MAR iterations (default: the model's)")
     p.add_argument("--num-steps", type=int, default=None, metavar="N",
                    help="default diffusion steps per token (default: the model's)")
     p.add_argument("--max-images", type=int, default=4, metavar="N", help="most images per request")
-    p.add_argument("--image-size", type=int, default=512, metavar="PX", help="understanding: side images are resized to")
+    p.add_argument("--image-size", type=int, default=None, metavar="PX",
+                   help="understanding: side images are resized to (default: the model's)")
     p.add_argument("--max-new-tokens", type=int, default=1024, metavar="N", help="most tokens an answer may have")
     p.add_argument("--max-upload-mb", type=int, default=10, metavar="MB", help="largest uploaded image")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -690,9 +711,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="override max_steps of the config")
     p.set_defaults(func=cmd_train)
 
-    from .shapes.cli import add_eval_parser
+    from .shapes.cli import add_eval_parser, add_train_shapes_parser
 
     add_eval_parser(sub)
+    add_train_shapes_parser(sub)
 
     p = sub.add_parser("parity", help="reproduce a reference fixture folder and report errors per case")
     p.add_argument("folder", help="fixture folder with config.json, weights.safetensors and cases/")

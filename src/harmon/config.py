@@ -127,6 +127,10 @@ class HarmonConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     vae_scale: float = 0.2325
     name: str = "harmon"
+    # defaults of the pipelines and the CLI for this model: image side in pixels (generation and
+    # understanding) and MAR iterations; the original's 512 px and 64 for the released models
+    image_size: int = 512
+    num_iter: int = 64
 
     def __post_init__(self):
         if isinstance(self.mar, dict):
@@ -152,6 +156,8 @@ class HarmonConfig:
             "mar": dataclasses.asdict(self.mar),
             "vae": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.vae).items()},
             "vae_scale": self.vae_scale,
+            "image_size": self.image_size,
+            "num_iter": self.num_iter,
         }
 
     @classmethod
@@ -226,8 +232,41 @@ def tiny() -> HarmonConfig:
     )
 
 
+def shapes() -> HarmonConfig:
+    """The small Harmon of the shapes world (SHAPES.md), trained from nothing by ``harmon train-shapes``.
+
+    64 px images, a KL autoencoder with stride 8 and 8 latent channels (an 8 x 8 grid of
+    tokens), a 4-layer Qwen2 LLM over a 512-entry byte-level BPE vocabulary, MAR and
+    the diffusion head at widths 256 / 128; no dropout (the world has endless data).
+    It samples with the respacing ``"ddim100"`` (timesteps 0, 10, ..., 990, an option of the
+    original's ``space_timesteps``) instead of ``"100"``, whose first step at t = 999 multiplies
+    the error of the predicted noise by about 300: a head trained for minutes is not that precise.
+    """
+    return HarmonConfig(
+        name="shapes",
+        llm={
+            "vocab_size": 512, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu",
+            "max_position_embeddings": 1024, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "tie_word_embeddings": True, "use_sliding_window": False, "attention_dropout": 0.0,
+            "initializer_range": 0.02, "bos_token_id": None, "eos_token_id": 2, "pad_token_id": 0,
+        },
+        mar=MARConfig(img_size=64, vae_stride=8, vae_embed_dim=8,
+                      encoder_embed_dim=256, encoder_depth=3, encoder_num_heads=4,
+                      decoder_embed_dim=256, decoder_depth=3, decoder_num_heads=4,
+                      buffer_size=8, attn_dropout=0.0, proj_dropout=0.0,
+                      diffloss_d=3, diffloss_w=128, num_sampling_steps="ddim100"),
+        vae=VAEConfig(embed_dim=8, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, resolution=64,
+                      encoder_attn_resolutions=()),
+        vae_scale=1.0,
+        image_size=64,
+        num_iter=16,
+    )
+
+
 PRESETS: dict[str, Callable[[], HarmonConfig]] = {
     "harmon-0.5b": harmon_0_5b,
     "harmon-1.5b": harmon_1_5b,
     "tiny": tiny,
+    "shapes": shapes,
 }

@@ -29,8 +29,20 @@ def cosine_betas(num_steps: int = NUM_TRAIN_TIMESTEPS, max_beta: float = 0.999) 
 
 
 def respaced_timesteps(num_steps: int, section_counts: str) -> list[int]:
-    """Original timesteps kept by a respacing string such as ``"100"`` or ``"10,5"``, ascending."""
-    counts = [int(c) for c in str(section_counts).split(",")]
+    """Original timesteps kept by a respacing string, ascending: section counts such as ``"100"`` or
+    ``"10,5"`` (each section's first and last timestep included, so ``"100"`` ends at 999), or
+    ``"ddimN"``, every k-th timestep from 0 for the integer stride k giving exactly N steps
+    (``"ddim100"``: 0, 10, ..., 990), as the original's ``space_timesteps``."""
+    text = str(section_counts)
+    if text.startswith("ddim"):
+        wanted = int(text[len("ddim"):])
+        if wanted < 2:
+            raise ValueError(f"sampling needs at least 2 diffusion steps, got {section_counts!r}")
+        for stride in range(1, num_steps):
+            if len(range(0, num_steps, stride)) == wanted:
+                return list(range(0, num_steps, stride))
+        raise ValueError(f"cannot take exactly {wanted} of {num_steps} timesteps with an integer stride")
+    counts = [int(c) for c in text.split(",")]
     if sum(counts) < 2:
         raise ValueError(f"sampling needs at least 2 diffusion steps, got {section_counts!r}")
     size_per, extra = divmod(num_steps, len(counts))
@@ -46,6 +58,17 @@ def respaced_timesteps(num_steps: int, section_counts: str) -> list[int]:
             cur += stride
         start += size
     return sorted(kept)
+
+
+def ddim_count(num_steps: int, wanted: int) -> int:
+    """The smallest step count >= ``wanted`` that a ``"ddimN"`` respacing of ``num_steps`` takes exactly
+    without reaching the last timestep (strides dividing ``num_steps - 1`` end there, where the cosine
+    schedule's alpha_bar is ~0 and the first sampling step amplifies the head's error ~300x)."""
+    counts = {len(range(0, num_steps, stride)) for stride in range(1, num_steps) if (num_steps - 1) % stride}
+    fitting = [c for c in counts if c >= wanted]
+    if not fitting:
+        raise ValueError(f"cannot take {wanted} of {num_steps} timesteps")
+    return min(fitting)
 
 
 class GaussianDiffusion:

@@ -26,6 +26,18 @@ HOW_TO_GET_A_MODEL = (
     "then pass --model MODEL_DIR")
 
 
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "shapes-model"
+
+
+def default_model_folder() -> Path:
+    """The model shipped with the package: the small Harmon of the shapes world (``harmon train-shapes``)."""
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        raise CheckpointError(f"the default model is missing from this installation ({DEFAULT_MODEL_DIR}): "
+                              "reinstall harmon, make one with `harmon train-shapes --out DIR` (then --model "
+                              "DIR/model), or pass --model")
+    return DEFAULT_MODEL_DIR
+
+
 def resolve_model_folder(name_or_path: PathLike) -> Path:
     """A local model folder for ``name_or_path``: the folder itself, or a cached Hugging Face snapshot.
 

@@ -277,3 +277,30 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         unk_token=None, extra_special_tokens=["<|im_start|>", "<image>"], clean_up_tokenization_spaces=False)
+
+
+def train_small_tokenizer(texts, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of ``vocab_size`` entries learnt from ``texts`` (an iterable of strings),
+    for small models trained from nothing (the shapes world).
+
+    Ids 0..3 are the special tokens of :func:`build_byte_tokenizer` (``<|endoftext|>`` pad,
+    ``<|im_start|>``, ``<|im_end|>`` eos, ``<image>``), then the 256 bytes, then the merges:
+    any text still round-trips, and words of the training texts become single tokens.
+    The same texts give the same tokenizer.
+    """
+    if vocab_size < len(BYTE_TOKENIZER_SPECIAL_TOKENS) + 256:
+        raise ValueError(f"vocab_size must be at least {len(BYTE_TOKENIZER_SPECIAL_TOKENS) + 256}, got {vocab_size}")
+    from tokenizers import trainers
+
+    backend = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=[AddedToken(t, special=True, normalized=False)
+                                                  for t in BYTE_TOKENIZER_SPECIAL_TOKENS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token=None, extra_special_tokens=["<|im_start|>", "<image>"], clean_up_tokenization_spaces=False)

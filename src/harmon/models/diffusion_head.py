@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..diffusion import GaussianDiffusion
+from ..diffusion import NUM_TRAIN_TIMESTEPS, GaussianDiffusion, ddim_count
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -84,16 +84,20 @@ class SimpleMLPAdaLN(nn.Module):
         self.final_layer = FinalLayer(model_channels, out_channels)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        # the diffusion state may be kept in float32 while the weights are bfloat16
+        # Runs in the weights' dtype, outside any autocast region: the first reverse step multiplies
+        # the error of the predicted noise by about 300 (sqrt(1 / alpha_bar - 1) at t = 999 times the
+        # posterior coefficient), so the head is kept at full precision while training under bf16
+        # autocast. The diffusion state may be float32 while the weights are bfloat16.
         dtype = self.input_proj.weight.dtype
-        x = self.input_proj(x.to(dtype))
-        y = self.time_embed(t) + self.cond_embed(c.to(dtype))
-        for block in self.res_blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, y, use_reentrant=False)
-            else:
-                x = block(x, y)
-        return self.final_layer(x, y)
+        with torch.autocast(x.device.type, enabled=False):
+            x = self.input_proj(x.to(dtype))
+            y = self.time_embed(t) + self.cond_embed(c.to(dtype))
+            for block in self.res_blocks:
+                if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                    x = checkpoint(block, x, y, use_reentrant=False)
+                else:
+                    x = block(x, y)
+            return self.final_layer(x, y)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, cfg_scale: float) -> torch.Tensor:
         """Guided output for a [cond; uncond] batch.
@@ -117,15 +121,27 @@ class DiffLoss(nn.Module):
         super().__init__()
         self.in_channels = target_channels
         self.net = SimpleMLPAdaLN(target_channels, width, target_channels * 2, z_channels, depth, grad_checkpointing)
+        self.num_sampling_steps = str(num_sampling_steps)
         self.train_diffusion = GaussianDiffusion()
-        self.gen_diffusion = GaussianDiffusion.respaced(num_sampling_steps)
-        self._sampling_processes = {str(num_sampling_steps): self.gen_diffusion}
+        self.gen_diffusion = GaussianDiffusion.respaced(self.num_sampling_steps)
+        self._sampling_processes = {self.num_sampling_steps: self.gen_diffusion}
+
+    def sampling_spec(self, num_steps: str | int | None = None) -> str:
+        """The respacing string for ``num_steps``: the configured one when None; a bare count N keeps the
+        configured style (``"N"``, or for a model that samples with ``"ddim..."`` the DDIM respacing of N
+        steps, rounded up to a count that :func:`~harmon.diffusion.ddim_count` allows: 37 -> ``"ddim39"``);
+        any other string
+        (``"10,5"``, ``"ddim25"``) as it is."""
+        if num_steps is None:
+            return self.num_sampling_steps
+        spec = str(num_steps)
+        if spec.isdigit() and self.num_sampling_steps.startswith("ddim"):
+            return f"ddim{ddim_count(NUM_TRAIN_TIMESTEPS, int(spec))}"
+        return spec
 
     def sampling_process(self, num_steps: str | int | None = None) -> GaussianDiffusion:
-        """The respaced process for ``num_steps`` (the configured one when None), built once per value."""
-        if num_steps is None:
-            return self.gen_diffusion
-        key = str(num_steps)
+        """The respaced process for ``num_steps`` (see :meth:`sampling_spec`), built once per value."""
+        key = self.sampling_spec(num_steps)
         if key not in self._sampling_processes:
             self._sampling_processes[key] = GaussianDiffusion.respaced(key)
         return self._sampling_processes[key]

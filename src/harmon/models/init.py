@@ -32,7 +32,14 @@ def init_weights(model: Harmon, generator: torch.Generator) -> Harmon:
             module.weight.fill_(1.0)
     for proj in (model.proj_in, model.proj_out):
         _init_linears(proj, generator)
-    for module in model.vae.modules():
+    init_vae(model.vae, generator)
+    return model
+
+
+@torch.no_grad()
+def init_vae(vae: nn.Module, generator: torch.Generator) -> None:
+    """PyTorch's default convolution scheme (kaiming-uniform weights, uniform biases), unit GroupNorms."""
+    for module in vae.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
             bound = 1 / math.sqrt(module.weight[0].numel())
@@ -40,7 +47,6 @@ def init_weights(model: Harmon, generator: torch.Generator) -> Harmon:
         elif isinstance(module, nn.GroupNorm):
             module.weight.fill_(1.0)
             module.bias.zero_()
-    return model
 
 
 @torch.no_grad()

@@ -178,6 +178,15 @@ class DiagonalGaussian:
     def mode(self) -> torch.Tensor:
         return self.mean
 
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """mean + std * N(0, 1), the noise drawn from ``generator`` (training)."""
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+    def kl(self) -> torch.Tensor:
+        """KL divergence to N(0, I), summed over latent dimensions: (B,)."""
+        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).flatten(1).sum(dim=1)
+
 
 class AutoencoderKL(nn.Module):
     """KL autoencoder: ``encode`` gives a :class:`DiagonalGaussian`, ``decode`` maps latents to pixels in ~[-1, 1]."""

@@ -21,39 +21,41 @@ from ..processing import (GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt, 
                           load_image, tensor_to_pil, tokenize_prompts)
 from ..rng import SeededRNG
 from ..sampling import generate_latents
-from .text_to_image import TextToImageOutput
+from .text_to_image import TextToImageOutput, describe_steps
 
-STRIDE = 16
+STRIDE = 16  # the released models' VAE stride (KL-16); pass the model's own as ``stride``
 
 
 @dataclass
 class KnownRegion:
-    """A canvas (RGB image whose sides are multiples of 16) and its known tokens (h, w) bool, True = keep."""
+    """A canvas (RGB image whose sides are multiples of ``stride``, the model's VAE stride) and its known
+    tokens (h, w) bool, True = keep."""
 
     canvas: Image.Image
     known: torch.Tensor
+    stride: int = STRIDE
 
     def __post_init__(self):
-        h, w = check_image_size(self.canvas.height, self.canvas.width, STRIDE)
+        h, w = check_image_size(self.canvas.height, self.canvas.width, self.stride)
         if tuple(self.known.shape) != (h, w):
             raise ValueError(f"known-token mask {tuple(self.known.shape)} does not match the {h}x{w} token grid")
         if bool(self.known.all()):
             raise ValueError("nothing to generate: every token is known")
 
 
-def _fit(image: Image.Image, size: tuple[int, int] | None) -> Image.Image:
-    """Resize to (width, height), or to the image's own size rounded down to multiples of 16."""
+def _fit(image: Image.Image, size: tuple[int, int] | None, stride: int) -> Image.Image:
+    """Resize to (width, height), or to the image's own size rounded down to multiples of ``stride``."""
     if size is None:
-        size = (max(STRIDE, image.width // STRIDE * STRIDE), max(STRIDE, image.height // STRIDE * STRIDE))
+        size = (max(stride, image.width // stride * stride), max(stride, image.height // stride * stride))
     return image if image.size == tuple(size) else image.resize(tuple(size), Image.Resampling.BICUBIC)
 
 
-def inpaint_region(image, mask: Image.Image | str | tuple[int, int, int, int], size: tuple[int, int] | None = None
-                   ) -> KnownRegion:
+def inpaint_region(image, mask: Image.Image | str | tuple[int, int, int, int], size: tuple[int, int] | None = None,
+                   *, stride: int = STRIDE) -> KnownRegion:
     """Regenerate where ``mask`` is set: a mask image (white = regenerate) or a (left, top, right, bottom) box.
 
     The mask is taken at the image's size; a token is regenerated when any of its
-    16x16 pixels is masked. ``size`` (width, height) resizes image and mask first.
+    ``stride`` x ``stride`` pixels is masked. ``size`` (width, height) resizes image and mask first.
     """
     image = load_image(image)
     if isinstance(mask, tuple):
@@ -67,45 +69,45 @@ def inpaint_region(image, mask: Image.Image | str | tuple[int, int, int, int], s
         mask_image = load_image(mask).convert("L")
         if mask_image.size != image.size:
             raise ValueError(f"mask is {mask_image.size[0]}x{mask_image.size[1]}, image is {image.width}x{image.height}")
-    canvas = _fit(image, size)
+    canvas = _fit(image, size, stride)
     mask_image = mask_image.resize(canvas.size, Image.Resampling.NEAREST)
     masked = torch.from_numpy(np.asarray(mask_image) > 127)  # (H, W)
-    h, w = canvas.height // STRIDE, canvas.width // STRIDE
-    regenerate = masked.reshape(h, STRIDE, w, STRIDE).any(dim=3).any(dim=1)
+    h, w = canvas.height // stride, canvas.width // stride
+    regenerate = masked.reshape(h, stride, w, stride).any(dim=3).any(dim=1)
     if not bool(regenerate.any()):
         raise ValueError("the mask selects nothing to regenerate")
-    return KnownRegion(canvas, ~regenerate)
+    return KnownRegion(canvas, ~regenerate, stride)
 
 
 def outpaint_region(image, left: int = 0, top: int = 0, right: int = 0, bottom: int = 0,
-                    size: tuple[int, int] | None = None) -> KnownRegion:
-    """Extend the image by the given margins (pixels, multiples of 16); only the new area is generated."""
+                    size: tuple[int, int] | None = None, *, stride: int = STRIDE) -> KnownRegion:
+    """Extend the image by the given margins (pixels, multiples of ``stride``); only the new area is generated."""
     for name, value in (("left", left), ("top", top), ("right", right), ("bottom", bottom)):
-        if value < 0 or value % STRIDE:
-            raise ValueError(f"{name} margin must be a non-negative multiple of {STRIDE}, got {value}")
+        if value < 0 or value % stride:
+            raise ValueError(f"{name} margin must be a non-negative multiple of {stride}, got {value}")
     if not (left or top or right or bottom):
         raise ValueError("give at least one margin to extend the image by")
-    image = _fit(load_image(image), size)
+    image = _fit(load_image(image), size, stride)
     canvas = Image.new("RGB", (image.width + left + right, image.height + top + bottom), (127, 127, 127))
     canvas.paste(image, (left, top))
-    h, w = canvas.height // STRIDE, canvas.width // STRIDE
+    h, w = canvas.height // stride, canvas.width // stride
     known = torch.zeros(h, w, dtype=torch.bool)
-    known[top // STRIDE: (top + image.height) // STRIDE, left // STRIDE: (left + image.width) // STRIDE] = True
-    return KnownRegion(canvas, known)
+    known[top // stride: (top + image.height) // stride, left // stride: (left + image.width) // stride] = True
+    return KnownRegion(canvas, known, stride)
 
 
 def variation_region(image, strength: float, generator: torch.Generator,
-                     size: tuple[int, int] | None = None) -> KnownRegion:
+                     size: tuple[int, int] | None = None, *, stride: int = STRIDE) -> KnownRegion:
     """Regenerate a random ``strength`` fraction of the tokens (0 < strength <= 1), chosen by ``generator``."""
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
-    canvas = _fit(load_image(image), size)
-    h, w = canvas.height // STRIDE, canvas.width // STRIDE
+    canvas = _fit(load_image(image), size, stride)
+    h, w = canvas.height // stride, canvas.width // stride
     count = max(1, round(strength * h * w))
     chosen = torch.randperm(h * w, generator=generator, device=generator.device)[:count].cpu()
     known = torch.ones(h * w, dtype=torch.bool)
     known[chosen] = False
-    return KnownRegion(canvas, known.view(h, w))
+    return KnownRegion(canvas, known.view(h, w), stride)
 
 
 class EditPipeline:
@@ -123,10 +125,16 @@ class EditPipeline:
     @torch.no_grad()
     def __call__(self, region: KnownRegion, prompt: str, *, seed: int = 0, guidance_scale: float = 3.0,
                  cfg_schedule: Literal["constant", "linear"] = "constant", temperature: float = 1.0,
-                 num_iter: int = 64, num_steps: int | str | None = None,
+                 num_iter: int | None = None, num_steps: int | str | None = None,
                  output_type: Literal["pil", "pt"] = "pil") -> TextToImageOutput:
+        """Fill the region's unknown tokens under ``prompt``; ``num_iter`` defaults to the model's."""
+        if num_iter is None:
+            num_iter = self.model.config.num_iter
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("the prompt is empty")
+        if region.stride != self.model.config.mar.vae_stride:
+            raise ValueError(f"the region was built for VAE stride {region.stride}, the model's is "
+                             f"{self.model.config.mar.vae_stride}: pass stride= to the region builder")
         h, w = region.known.shape
         pixels = image_to_tensor(region.canvas, (region.canvas.height, region.canvas.width))
         known_tokens = self.model.encode(pixels.to(device=self.model.device, dtype=self.model.dtype))  # (1, h, w, C)
@@ -140,7 +148,7 @@ class EditPipeline:
                                   known_tokens=known_tokens, known_mask=region.known.reshape(1, -1))
         images = self.model.decode(tokens)
         settings = {"guidance_scale": guidance_scale, "cfg_schedule": cfg_schedule, "temperature": temperature,
-                    "num_iter": num_iter, "num_steps": str(num_steps or self.model.config.mar.num_sampling_steps),
+                    "num_iter": num_iter, "num_steps": describe_steps(self.model, num_steps),
                     "height": region.canvas.height, "width": region.canvas.width, "model": self.model.config.name,
                     "known_tokens": int(region.known.sum()), "generated_tokens": int((~region.known).sum())}
         return TextToImageOutput(tensor_to_pil(images) if output_type == "pil" else images, [seed], [prompt],

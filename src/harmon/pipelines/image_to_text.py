@@ -63,12 +63,13 @@ def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: fl
 
 
 class ImageToTextPipeline:
-    """``pipe(image, question)`` answers like the original ``image2text.py`` (image padded to square, 512 px)."""
+    """``pipe(image, question)`` answers like the original ``image2text.py``: the image padded to a square of
+    ``image_size`` px (default: the model's, 512 for the released models)."""
 
-    def __init__(self, model: Harmon, tokenizer, image_size: int = 512):
+    def __init__(self, model: Harmon, tokenizer, image_size: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.image_size = image_size
+        self.image_size = model.config.image_size if image_size is None else image_size
         if IMAGE_TOKEN not in tokenizer.get_vocab():
             tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)

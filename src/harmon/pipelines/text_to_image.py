@@ -17,16 +17,15 @@ from ..sampling import StepInfo, annealed_steps, generate_latents
 
 # The fast mode: half the MAR iterations, and diffusion steps annealed from 50 (first
 # iteration) to 5 (last), as DiSA does for Harmon. Off by default.
-FAST_NUM_ITER = 32
 FAST_STEPS = (50, 5)
 
 
-def _describe_steps(num_steps, default: str) -> str:
-    if num_steps is None:
-        return str(default)
-    if isinstance(num_steps, (int, str)):
-        return str(num_steps)
-    return ",".join(map(str, num_steps))
+def describe_steps(model: Harmon, num_steps) -> str:
+    """The respacing actually used for ``num_steps`` (one value, or one per MAR iteration joined by commas)."""
+    spec = model.mar.diffloss.sampling_spec
+    if num_steps is None or isinstance(num_steps, (int, str)):
+        return spec(num_steps)
+    return ",".join(spec(s) for s in num_steps)
 
 
 @dataclass
@@ -43,8 +42,8 @@ class TextToImagePipeline:
     """``pipe(prompt)`` generates images as the original ``text2image.py`` does, with explicit randomness.
 
     Defaults equal the original's: guidance 3.0 (constant schedule), temperature
-    1.0, 64 MAR iterations, the model's configured diffusion steps (100 for the
-    released models), 512 px, ``"Generate an image: "`` prefix and
+    1.0, the model's MAR iterations, diffusion steps and image size (64, 100 and
+    512 px for the released models), ``"Generate an image: "`` prefix and
     ``"Generate an image."`` as the unconditional prompt.
     """
 
@@ -73,7 +72,7 @@ class TextToImagePipeline:
     def __call__(self, prompt: str | Sequence[str], *, num_images_per_prompt: int = 1, guidance_scale: float = 3.0,
                  cfg_schedule: Literal["constant", "linear"] = "constant", temperature: float = 1.0,
                  num_iter: int | None = None, num_steps: int | str | Sequence[int] | None = None, fast: bool = False,
-                 height: int = 512, width: int | None = None,
+                 height: int | None = None, width: int | None = None,
                  generator: torch.Generator | Sequence[torch.Generator] | None = None,
                  seeds: Sequence[int] | None = None, rng: ReferenceRNG | None = None, progress: bool = True,
                  callback: Callable[[StepInfo], None] | None = None,
@@ -85,15 +84,16 @@ class TextToImagePipeline:
         image, or one from which per-image seeds are drawn), else fresh random seeds.
         Either way each image depends only on its own seed, not on the batch.
         ``num_steps`` may list one diffusion step count per MAR iteration; ``fast``
-        selects the fast mode (32 iterations, steps annealed 50 -> 5) for whatever
-        of ``num_iter`` / ``num_steps`` is not given. ``callback`` receives a
+        selects the fast mode (half the model's iterations, 32 for the released models,
+        and steps annealed 50 -> 5) for whatever of ``num_iter`` / ``num_steps`` is not given. ``callback`` receives a
         :class:`~harmon.sampling.StepInfo` after every MAR iteration (progress, cancellation).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if num_iter is None:
-            num_iter = FAST_NUM_ITER if fast else 64
+            num_iter = max(1, self.model.config.num_iter // 2) if fast else self.model.config.num_iter
         if num_steps is None and fast:
             num_steps = annealed_steps(*FAST_STEPS, num_iter)
+        height = self.model.config.image_size if height is None else height
         width = height if width is None else width
         self._validate(prompts, num_images_per_prompt, guidance_scale, temperature, num_iter, num_steps)
         grid = check_image_size(height, width, self.model.config.mar.vae_stride)
@@ -125,7 +125,7 @@ class TextToImagePipeline:
         images = self.model.decode(tokens)
         settings = {"guidance_scale": guidance_scale, "cfg_schedule": cfg_schedule, "temperature": temperature,
                     "num_iter": num_iter, "fast": fast,
-                    "num_steps": _describe_steps(num_steps, self.model.config.mar.num_sampling_steps),
+                    "num_steps": describe_steps(self.model, num_steps),
                     "height": height, "width": width, "model": self.model.config.name}
         return TextToImageOutput(tensor_to_pil(images) if output_type == "pil" else images, used_seeds, per_image,
                                  settings)

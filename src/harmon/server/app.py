@@ -100,7 +100,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
-        return HTMLResponse(render_page(engine.name, settings))
+        return HTMLResponse(render_page(engine.name, settings, engine.stride))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

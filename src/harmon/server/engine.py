@@ -17,7 +17,7 @@ from .worker import Job
 class Engine:
     """The loaded model with its pipelines; every method here runs on the worker thread only."""
 
-    def __init__(self, model, tokenizer, model_path: str | Path, image_size: int = 512):
+    def __init__(self, model, tokenizer, model_path: str | Path, image_size: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.model_path = str(model_path)
@@ -41,11 +41,11 @@ class Engine:
         def on_step(info: StepInfo) -> None:
             job.emit("progress", {"step": info.step + 1, "total": info.num_iter})
 
-        images = self.text_to_image(p.prompt, num_images_per_prompt=p.n, guidance_scale=p.guidance_scale,
+        result = self.text_to_image(p.prompt, num_images_per_prompt=p.n, guidance_scale=p.guidance_scale,
                                     temperature=p.temperature, num_iter=p.num_iter, num_steps=p.num_steps,
                                     height=p.height, width=p.width, seeds=seeds, progress=False,
-                                    callback=on_step).images
-        num_steps = str(p.num_steps or self.model.config.mar.num_sampling_steps)
+                                    callback=on_step)
+        images, num_steps = result.images, result.settings["num_steps"]
         out = []
         for image, seed in zip(images, seeds):
             meta = image_metadata({"prompt": p.prompt, "seed": seed, "cfg": p.guidance_scale,

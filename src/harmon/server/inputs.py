@@ -288,20 +288,21 @@ def edit_params(req: EditRequest, s: ServerSettings, stride: int = 16) -> EditPa
     try:
         if req.mode == "inpaint":
             if req.mask is not None:
-                region = inpaint_region(image, decode_image_url(req.mask, s, param="mask"))
+                region = inpaint_region(image, decode_image_url(req.mask, s, param="mask"), stride=stride)
                 details["mask"] = "image"
             else:
                 box = _four("box", req.box, "")
                 details["box"] = list(box)
-                region = inpaint_region(image, box)
+                region = inpaint_region(image, box, stride=stride)
         elif req.mode == "outpaint":
             left, top, right, bottom = details["extend"]
             if min(left, top, right, bottom) >= 0:  # check the size before building the canvas
                 _check_edit_size(s, max(stride, image.width // stride * stride) + left + right,
                                  max(stride, image.height // stride * stride) + top + bottom)
-            region = outpaint_region(image, left=left, top=top, right=right, bottom=bottom)
+            region = outpaint_region(image, left=left, top=top, right=right, bottom=bottom,
+                                     stride=stride)
         else:
-            region = variation_region(image, req.strength, torch.Generator().manual_seed(seed))
+            region = variation_region(image, req.strength, torch.Generator().manual_seed(seed), stride=stride)
     except ValueError as err:
         raise ApiError(400, str(err), param=param, code="invalid_value") from None
     _check_edit_size(s, *region.canvas.size)

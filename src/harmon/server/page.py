@@ -13,9 +13,9 @@ import json
 from .inputs import ServerSettings
 
 
-def render_page(model_name: str, s: ServerSettings) -> str:
-    """The page with the server's defaults and limits filled in."""
-    config = {"model": model_name, "auth": bool(s.api_key), "size": s.size, "max_size": s.max_size,
+def render_page(model_name: str, s: ServerSettings, stride: int = 16) -> str:
+    """The page with the server's defaults and limits, and the model's VAE stride (pixels per token), filled in."""
+    config = {"model": model_name, "auth": bool(s.api_key), "stride": stride, "size": s.size, "max_size": s.max_size,
               "num_iter": s.num_iter, "max_num_iter": s.max_num_iter, "num_steps": s.num_steps,
               "max_num_steps": s.max_num_steps, "guidance_scale": s.guidance_scale,
               "max_guidance_scale": s.max_guidance_scale, "max_images": s.max_images,
@@ -120,8 +120,8 @@ PAGE = r"""<!doctype html>
         <input id="edit-box-top" type="number" min="0" value="0">
         <input id="edit-box-right" type="number" min="1" value="16">
         <input id="edit-box-bottom" type="number" min="1" value="16"></div></div>
-    <div id="edit-outpaint-opts" style="display:none"><label>Margins to add, pixels, multiples of 16
-      (left, top, right, bottom)</label>
+    <div id="edit-outpaint-opts" style="display:none"><label>Margins to add, pixels, multiples of
+      <span id="stride-text">16</span> (left, top, right, bottom)</label>
       <div class="four"><input id="edit-extend-left" type="number" min="0" step="16" value="0">
         <input id="edit-extend-top" type="number" min="0" step="16" value="0">
         <input id="edit-extend-right" type="number" min="0" step="16" value="64">
@@ -175,6 +175,10 @@ $("guidance").value = CFG.guidance_scale; $("guidance").max = CFG.max_guidance_s
 $("num-iter").value = CFG.num_iter; $("num-iter").max = CFG.max_num_iter;
 $("num-steps").value = CFG.num_steps ?? ""; $("num-steps").max = CFG.max_num_steps;
 for (const id of ["width", "height"]) { $(id).value = CFG.size; $(id).max = CFG.max_size; }
+for (const id of ["width", "height", "edit-extend-left", "edit-extend-top", "edit-extend-right",
+                  "edit-extend-bottom"]) { $(id).step = CFG.stride; }
+$("width").min = $("height").min = CFG.stride; $("stride-text").textContent = CFG.stride;
+$("edit-extend-right").value = 4 * CFG.stride;
 $("num-images").max = CFG.max_images; $("prompt").maxLength = CFG.max_prompt_chars;
 $("edit-guidance").value = CFG.guidance_scale; $("edit-guidance").max = CFG.max_guidance_scale;
 $("edit-num-iter").value = CFG.num_iter; $("edit-num-iter").max = CFG.max_num_iter;

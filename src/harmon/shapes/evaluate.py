@@ -286,8 +286,9 @@ def write_geneval_sample(out_dir, index: int, metadata: dict[str, Any], images: 
 
 
 def evaluate_model(model, tokenizer, n_prompts: int = 200, seed: int = DEFAULT_EVAL_SEED, out_dir=None, *,
-                   image_size: int = world.DEFAULT_SIZE, images_per_prompt: int = 1, num_iter: int = 16,
-                   num_steps: int | None = None, guidance_scale: float = 3.0, temperature: float = 1.0,
+                   image_size: int = world.DEFAULT_SIZE, images_per_prompt: int = 1, num_iter: int | None = None,
+                   num_steps: int | None = None, fast: bool = False, guidance_scale: float = 3.0,
+                   temperature: float = 1.0,
                    batch_size: int = 8, n_scenes: int | None = None, max_new_tokens: int = 48,
                    generation: bool = True, understanding: bool = True, progress: bool = False,
                    echo=print) -> dict[str, Any]:
@@ -300,7 +301,8 @@ def evaluate_model(model, tokenizer, n_prompts: int = 200, seed: int = DEFAULT_E
     ``eval_scenes`` stream, one question of each applicable type per scene, greedy answers of
     :class:`~harmon.pipelines.ImageToTextPipeline` compared after :func:`world.normalize_answer`.
 
-    Prints the table with ``echo`` (None: silent). With ``out_dir``: writes ``results.json``
+    ``num_iter`` / ``num_steps`` default to the model's; ``fast`` selects the pipeline's fast mode for
+    whichever of them is not given. Prints the table with ``echo`` (None: silent). With ``out_dir``: writes ``results.json``
     (settings, scores, every item) and GenEval's layout ``<out>/<index:05d>/metadata.jsonl`` +
     ``samples/<k:04d>.png`` for the generated images. Returns the results dict.
     """
@@ -317,7 +319,8 @@ def evaluate_model(model, tokenizer, n_prompts: int = 200, seed: int = DEFAULT_E
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     settings = {"model": getattr(model.config, "name", "?"), "seed": int(seed), "n_prompts": int(n_prompts),
-                "images_per_prompt": images_per_prompt, "image_size": image_size, "num_iter": num_iter,
+                "images_per_prompt": images_per_prompt, "image_size": image_size, "fast": fast,
+                "num_iter": model.config.num_iter if num_iter is None and not fast else num_iter,
                 "num_steps": None if num_steps is None else str(num_steps), "guidance_scale": guidance_scale,
                 "temperature": temperature, "max_new_tokens": max_new_tokens}
     results: dict[str, Any] = {"settings": settings}
@@ -333,8 +336,9 @@ def evaluate_model(model, tokenizer, n_prompts: int = 200, seed: int = DEFAULT_E
             batch = jobs[first:first + batch_size]
             res = pipe([prompts[i]["prompt"] for i, _ in batch], seeds=[image_seeds[i][k] for i, k in batch],
                        guidance_scale=guidance_scale, temperature=temperature, num_iter=num_iter,
-                       num_steps=num_steps, height=image_size, progress=progress)
+                       num_steps=num_steps, fast=fast, height=image_size, progress=progress)
             images.update(zip(batch, res.images))
+            settings["num_iter"], settings["num_steps"] = res.settings["num_iter"], res.settings["num_steps"]
         items, cats, oks = [], [], []
         for i, p in enumerate(prompts):
             samples = []
@@ -404,3 +408,90 @@ def _answer(pipe, image_embeds, question: str, max_new_tokens: int) -> str:
 def make_prompts_for_eval(n: int, seed: int, size: int = world.DEFAULT_SIZE) -> list[dict[str, Any]]:
     """:func:`world.make_prompts` (kept separate so the evaluation's prompt source is explicit)."""
     return world.make_prompts(n, seed, size)
+
+
+# -- inpainting ------------------------------------------------------------------------------------------
+INPAINT_CATEGORIES = ("two_object", "position", "color_attr")
+
+
+def masked_object_box(obj, canvas: int, margin: int = 1) -> tuple[int, int, int, int]:
+    """The pixel box (left, top, right, bottom) covering ``obj`` with ``margin`` px to spare, inside the canvas."""
+    x0, y0, x1, y1 = obj.box
+    return (max(0, int(np.floor(x0)) - margin), max(0, int(np.floor(y0)) - margin),
+            min(canvas, int(np.ceil(x1)) + margin), min(canvas, int(np.ceil(y1)) + margin))
+
+
+def evaluate_inpainting(model, tokenizer, n_scenes: int = 120, seed: int = DEFAULT_EVAL_SEED, out_dir=None, *,
+                        image_size: int = world.DEFAULT_SIZE, num_iter: int | None = None,
+                        num_steps: int | None = None, guidance_scale: float = 3.0, temperature: float = 1.0,
+                        progress: bool = False, echo=print) -> dict[str, Any]:
+    """Inpainting on the shapes world, against the same model's text-only generation.
+
+    For ``n_scenes`` fresh scenes with two objects (categories :data:`INPAINT_CATEGORIES` in
+    turn, the ``eval_inpaint`` stream), one object is chosen and the tokens covering its box
+    are regenerated by :class:`~harmon.pipelines.EditPipeline` under the scene's prompt, which
+    names it. The completed scene, the text-only image for the same prompt and seed, and the
+    scene with the object's box painted over with background (the baseline that must fail)
+    are scored by :func:`score_image`. Writes ``inpainting.json`` (and the images) to ``out_dir``.
+    """
+    import json
+    from pathlib import Path
+
+    from ..pipelines import EditPipeline, TextToImagePipeline, inpaint_region
+
+    if n_scenes < 1:
+        raise ValueError(f"n_scenes must be >= 1, got {n_scenes}")
+    stride = model.config.mar.vae_stride
+    num_iter = model.config.num_iter if num_iter is None else num_iter
+    edit, t2i = EditPipeline(model, tokenizer), TextToImagePipeline(model, tokenizer)
+    settings = {"model": getattr(model.config, "name", "?"), "seed": int(seed), "n_scenes": int(n_scenes),
+                "image_size": image_size, "num_iter": num_iter,
+                "num_steps": None if num_steps is None else str(num_steps), "guidance_scale": guidance_scale,
+                "temperature": temperature}
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        (out / "inpainting").mkdir(parents=True, exist_ok=True)
+    items, cats = [], []
+    scores: dict[str, list[bool]] = {"inpainted": [], "text_only": [], "object_erased": []}
+    for j in range(n_scenes):
+        rng = world.make_rng(seed, "eval_inpaint", j)
+        scene = world.sample_scene(INPAINT_CATEGORIES[j % len(INPAINT_CATEGORIES)], rng, image_size)
+        target = scene.objects[int(rng.integers(len(scene.objects)))]
+        image_seed = int(rng.integers(0, 2**31 - 1))
+        box = masked_object_box(target, image_size)
+        original = world.render(scene)
+        erased = original.copy()
+        erased.paste(world.BACKGROUND, box)
+        region = inpaint_region(original, box, stride=stride)
+        inpainted = edit(region, scene.prompt, seed=image_seed, guidance_scale=guidance_scale,
+                         temperature=temperature, num_iter=num_iter, num_steps=num_steps).images[0]
+        text_only = t2i(scene.prompt, seeds=[image_seed], guidance_scale=guidance_scale, temperature=temperature,
+                        num_iter=num_iter, num_steps=num_steps, height=image_size, progress=progress).images[0]
+        prompt = world.prompt_item(scene)
+        item = {"index": j, "prompt": scene.prompt, "category": scene.category, "masked_object": target.to_dict(),
+                "box": list(box), "seed": image_seed,
+                "regenerated_tokens": int((~region.known).sum()), "tokens": int(region.known.numel())}
+        for name, image in (("inpainted", inpainted), ("text_only", text_only), ("object_erased", erased)):
+            scored = score_image(prompt, image)
+            item[name] = {"correct": scored["correct"], "reason": scored["reason"]}
+            scores[name].append(scored["correct"])
+            if out is not None:
+                image.save(out / "inpainting" / f"{j:04d}_{name}.png", format="PNG")
+        items.append(item)
+        cats.append(scene.category)
+    results = {"settings": settings, "items": items}
+    for name, oks in scores.items():
+        per, counts, overall = _grouped_accuracy(cats, oks, INPAINT_CATEGORIES)
+        results[name] = {"per_category": per, "counts": counts, "overall": overall}
+    columns = (("inpainted", 11), ("text_only", 11), ("object_erased", 15))
+    lines = [f"inpainting on the shapes world: model {settings['model']}, {n_scenes} scenes, one object masked",
+             f"{'category':<24}{'inpainted':>11}{'text only':>11}{'object erased':>15}"]
+    for c in [c for c in INPAINT_CATEGORIES if c in results["inpainted"]["per_category"]]:
+        lines.append(f"  {c:<22}" + "".join(f"{results[n]['per_category'][c]:>{w}.3f}" for n, w in columns))
+    lines.append(f"  {'overall':<22}" + "".join(f"{results[n]['overall']:>{w}.3f}" for n, w in columns))
+    results["table"] = "\n".join(lines)
+    if echo is not None:
+        echo(results["table"])
+    if out is not None:
+        (out / "inpainting.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    return results

@@ -48,7 +48,7 @@ CLEAR_RELATION = 0.75
 QUESTION_YES, QUESTION_NO = 0.8, 0.3
 
 # named random streams, so training data, evaluation prompts and evaluation scenes never share draws
-STREAMS = {"train": 1, "eval_prompts": 2, "eval_scenes": 3, "eval_seeds": 4}
+STREAMS = {"train": 1, "eval_prompts": 2, "eval_scenes": 3, "eval_seeds": 4, "eval_inpaint": 5}
 
 
 def make_rng(seed: int, stream: str | int = "train", index: int | None = None) -> np.random.Generator:
@@ -420,14 +420,16 @@ def make_prompts(n: int, seed: int, size: int = DEFAULT_SIZE,
     Each: {"prompt", "category", "tag", "include": [{"class", "count", "color"?, "position"?}], "exclude"?}.
     """
     rng = make_rng(seed, "eval_prompts")
-    out = []
-    for scene in sample_scenes(n, rng, size, categories):
-        item = {"prompt": scene.prompt, "category": scene.category, "tag": scene.category,
-                "include": [dict(i) for i in scene.include]}
-        if scene.exclude:
-            item["exclude"] = [dict(e) for e in scene.exclude]
-        out.append(item)
-    return out
+    return [prompt_item(scene) for scene in sample_scenes(n, rng, size, categories)]
+
+
+def prompt_item(scene: Scene) -> dict[str, Any]:
+    """The GenEval-style prompt record of a scene: {"prompt", "category", "tag", "include", "exclude"?}."""
+    item = {"prompt": scene.prompt, "category": scene.category, "tag": scene.category,
+            "include": [dict(i) for i in scene.include]}
+    if scene.exclude:
+        item["exclude"] = [dict(e) for e in scene.exclude]
+    return item
 
 
 # -- rendering --------------------------------------------------------------------------------------

@@ -1,0 +1,166 @@
+"""The shapes recipe: train the whole small Harmon of the shapes world from nothing, in one command.
+
+``run_recipe(out_dir, RecipeConfig())`` (``harmon train-shapes --out DIR``) runs these stages,
+each written to ``out_dir`` and skipped when a later call finds it done, so an
+interrupted run continues where it stopped:
+
+1. ``data/``: training scenes in the trainer's formats (:mod:`harmon.shapes.datasets`);
+2. ``tokenizer/``: a byte-level BPE tokenizer learnt from the training texts;
+3. ``vae/``: the KL autoencoder trained on the training images (:mod:`harmon.train.vae`),
+   and ``vae_scale`` chosen to give unit-variance latents;
+4. ``init/``: the Harmon model (:func:`harmon.config.shapes`) with fresh weights from the
+   seed, the trained VAE and the tokenizer;
+5. ``harmon/``: the project's trainer (:mod:`harmon.train.trainer`) on both objectives,
+   whose export ``harmon/final`` is the finished model, also copied to ``model/``.
+
+``recipe.json`` records the settings and the seconds each stage took. Everything is
+drawn from ``seed``; the same seed on the same machine gives the same model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint import read_json, save_model
+from ..config import HarmonConfig, shapes
+from ..models.harmon import Harmon
+from ..models.vae import AutoencoderKL
+from ..models.init import init_vae, init_weights
+from ..processing import GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt
+from ..rng import derive_seed
+from ..tokenizer import train_small_tokenizer
+from ..train.config import DataConfig, OptimConfig, TrainConfig
+from ..train.trainer import train
+from ..train.vae import VAETrainConfig, latent_scale, train_vae
+from .datasets import write_datasets
+
+VAE_STREAM, INIT_STREAM = 101, 102  # derive_seed tags of the recipe's own generators
+
+
+@dataclass
+class RecipeConfig:
+    """Settings of the recipe; the defaults are the shipped model's."""
+
+    seed: int = 0
+    n_images: int = 30000
+    vae: VAETrainConfig = field(default_factory=lambda: VAETrainConfig(steps=1500, batch_size=32, lr=3e-3))
+    steps: int = 3500
+    t2i_batch_size: int = 32
+    i2t_batch_size: int = 16
+    lr: float = 1e-3
+    warmup_ratio: float = 0.02
+    precision: str = "bfloat16"
+    save_every: int = 250
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        """The settings that shape the model (all but ``progress``)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "progress"}
+
+
+def training_texts(data_dir: Path) -> list[str]:
+    """Every text the model reads or writes in training, in chat form (the tokenizer's corpus)."""
+    texts = [chat_prompt(UNCONDITIONAL_PROMPT)]
+    for line in (data_dir / "scenes.jsonl").read_text(encoding="utf-8").splitlines():
+        scene = json.loads(line)
+        texts.append(chat_prompt(GENERATION_PREFIX + scene["prompt"]))
+        texts += [chat_prompt(f"<image>\n{q['question']}") + q["answer"] + "<|im_end|>" for q in scene["questions"]]
+    return texts
+
+
+def load_images(data_dir: Path) -> torch.Tensor:
+    """The training images of ``data_dir/t2i.jsonl`` as (N, 3, H, W) uint8."""
+    rows = [json.loads(line) for line in (data_dir / "t2i.jsonl").read_text(encoding="utf-8").splitlines()]
+    arrays = [np.asarray(Image.open(data_dir / row["image"]).convert("RGB")) for row in rows]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def _stage(out: Path, name: str, times: dict, run) -> None:
+    """Run ``run()`` unless ``out/name`` is marked done; record its seconds in ``times``."""
+    done = out / name / ".done"
+    if done.is_file():
+        return
+    tick = time.perf_counter()
+    run()
+    times[name] = round(time.perf_counter() - tick, 1)
+    done.parent.mkdir(parents=True, exist_ok=True)
+    done.write_text("")
+
+
+def run_recipe(out_dir: str | Path, cfg: RecipeConfig) -> Path:
+    """Run (or continue) every stage of the recipe in ``out_dir``; returns the finished model folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record_path = out / "recipe.json"
+    record = read_json(record_path) if record_path.is_file() else {"config": cfg.to_dict(), "seconds": {}}
+    if record["config"] != cfg.to_dict():
+        raise ValueError(f"{out} holds a recipe run with other settings ({record_path}); use a new folder")
+    times = record["seconds"]
+    data, tok_dir, vae_dir, init_dir = out / "data", out / "tokenizer", out / "vae", out / "init"
+    config = shapes()
+
+    def save_record():
+        record_path.write_text(json.dumps(record, indent=1) + "\n")
+
+    save_record()
+    _stage(out, "data", times, lambda: write_datasets(data, cfg.n_images, cfg.seed, config.mar.img_size))
+    save_record()
+    _stage(out, "tokenizer", times, lambda: train_small_tokenizer(
+        training_texts(data), int(config.llm["vocab_size"])).save_pretrained(str(tok_dir)))
+    save_record()
+    _stage(out, "vae", times, lambda: _train_vae(config, data, vae_dir, cfg))
+    save_record()
+    _stage(out, "init", times, lambda: _initial_model(config, tok_dir, vae_dir, init_dir, cfg.seed))
+    save_record()
+    tick = time.perf_counter()
+    result = train(TrainConfig(
+        model=str(init_dir), output_dir=str(out / "harmon"),
+        data=DataConfig(jsonl=[str(data / "t2i.jsonl")], llava=[str(data / "llava.json")],
+                        image_size=config.mar.img_size, t2i_batch_size=cfg.t2i_batch_size,
+                        i2t_batch_size=cfg.i2t_batch_size),
+        optim=OptimConfig(lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, min_lr_ratio=0.05),
+        max_steps=cfg.steps, seed=cfg.seed, precision=cfg.precision, gradient_checkpointing=False,
+        device="cpu", save_every=cfg.save_every, keep_checkpoints=1, log_every=25, progress=cfg.progress))
+    times["harmon"] = round(times.get("harmon", 0.0) + time.perf_counter() - tick, 1)
+    times["total"] = round(sum(v for k, v in times.items() if k != "total"), 1)
+    save_record()
+    model_dir = out / "model"
+    if result.final_dir is not None:
+        shutil.rmtree(model_dir, ignore_errors=True)
+        shutil.copytree(result.final_dir, model_dir)
+    return model_dir
+
+
+def _train_vae(config: HarmonConfig, data: Path, vae_dir: Path, cfg: RecipeConfig) -> None:
+    images = load_images(data)
+    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, VAE_STREAM))
+    vae = AutoencoderKL(config.vae)
+    init_vae(vae, generator)
+    vae_dir.mkdir(parents=True, exist_ok=True)
+    with open(vae_dir / "log.jsonl", "w") as log:
+        train_vae(vae, images, cfg.vae, generator, progress=cfg.progress,
+                  log=lambda r: (log.write(json.dumps(r) + "\n"), log.flush()))
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(vae_dir / "vae.safetensors"))
+    scale = latent_scale(vae, images[:2048])
+    (vae_dir / "scale.json").write_text(json.dumps({"vae_scale": scale}) + "\n")
+
+
+def _initial_model(config: HarmonConfig, tok_dir: Path, vae_dir: Path, init_dir: Path, seed: int) -> None:
+    from transformers import AutoTokenizer
+
+    scale = read_json(vae_dir / "scale.json")["vae_scale"]
+    config = dataclasses.replace(config, vae_scale=float(scale))
+    model = Harmon(config)
+    init_weights(model, torch.Generator().manual_seed(derive_seed(seed, INIT_STREAM)))
+    model.vae.load_state_dict(load_file(str(vae_dir / "vae.safetensors")))
+    save_model(model, init_dir)
+    AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(init_dir))

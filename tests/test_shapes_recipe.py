@@ -1,0 +1,157 @@
+"""The shapes recipe: tokenizer and VAE training, the head's precision under autocast, the whole recipe at
+toy scale (resumable), and the shipped default model."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from harmon.config import VAEConfig, shapes
+from harmon.models.diffusion_head import SimpleMLPAdaLN
+from harmon.models.vae import AutoencoderKL
+from harmon.shapes import world
+from harmon.shapes.datasets import scene_for_index
+from harmon.shapes.recipe import RecipeConfig, run_recipe
+from harmon.tokenizer import train_small_tokenizer
+from harmon.train.vae import VAETrainConfig, latent_scale, train_vae, vae_loss
+
+TEXTS = ["<|im_start|>user\nGenerate an image: a red circle<|im_end|>\n<|im_start|>assistant\n",
+         "<|im_start|>user\n<image>\nWhat color is the square?<|im_end|>\n<|im_start|>assistant\nblue<|im_end|>"] * 20
+
+
+def test_small_tokenizer_learns_words_and_round_trips_anything():
+    tok = train_small_tokenizer(TEXTS, 400)
+    again = train_small_tokenizer(TEXTS, 400)
+    assert tok.backend_tokenizer.to_str() == again.backend_tokenizer.to_str()  # same texts, same tokenizer
+    assert [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>")] \
+        == [0, 1, 2, 3]
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token_id == 0
+    assert len(tok) <= 400
+    assert tok.tokenize(" circle") == ["Ġcircle"]  # a word of the texts is one token
+    for text in TEXTS[:2] + ["Ünïcode 😀 and words never seen"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == text
+    with pytest.raises(ValueError, match="at least 260"):
+        train_small_tokenizer(TEXTS, 100)
+
+
+def _scenes(n: int, seed: int = 0) -> torch.Tensor:
+    arrays = [np.asarray(world.render(scene_for_index(seed, i)[0])) for i in range(n)]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def test_vae_training_reduces_the_reconstruction_error_reproducibly():
+    torch.manual_seed(0)
+    cfg = VAEConfig(embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=64,
+                    encoder_attn_resolutions=())
+    images = _scenes(8)
+    initial = AutoencoderKL(cfg)
+    runs = [copy.deepcopy(initial), copy.deepcopy(initial)]
+    settings = VAETrainConfig(steps=40, batch_size=4, lr=2e-3, warmup_steps=5, log_every=10, bfloat16=False)
+    histories = [train_vae(v, images, settings, torch.Generator().manual_seed(3), progress=False) for v in runs]
+    assert [h["loss"] for h in histories[0]] == [h["loss"] for h in histories[1]]
+    with torch.no_grad():
+        start = vae_loss(initial, images.float() / 127.5 - 1, 1e-6)["mse"]
+        end = vae_loss(runs[0], images.float() / 127.5 - 1, 1e-6)["mse"]
+    assert end < start / 3, (float(start), float(end))
+    assert not any(p.requires_grad for p in runs[0].parameters()) and not runs[0].training
+    scale = latent_scale(runs[0], images)
+    with torch.no_grad():
+        means = runs[0].encode(images.float() / 127.5 - 1).mode()
+    assert float((means * scale).std()) == pytest.approx(1.0, rel=1e-4)
+    with pytest.raises(ValueError, match="uint8"):
+        train_vae(runs[0], images.float(), settings, torch.Generator())
+
+
+def test_posterior_sampling_and_kl():
+    vae = AutoencoderKL(VAEConfig(embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                                  resolution=32, encoder_attn_resolutions=()))
+    with torch.no_grad():
+        posterior = vae.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
+    a = posterior.sample(torch.Generator().manual_seed(1))
+    b = posterior.sample(torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, posterior.mode())
+    expected = 0.5 * (posterior.mean ** 2 + posterior.logvar.exp() - 1 - posterior.logvar).flatten(1).sum(1)
+    torch.testing.assert_close(posterior.kl(), expected)
+
+
+def test_diffusion_head_keeps_full_precision_under_autocast():
+    head = SimpleMLPAdaLN(8, 64, 16, 32, 2)
+    for p in head.parameters():  # non-zero output layer, so the comparison means something
+        torch.nn.init.normal_(p, std=0.1)
+    x, t, c = torch.randn(5, 8), torch.tensor([999, 500, 10, 0, 999]), torch.randn(5, 32)
+    reference = head(x, t, c)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = head(x, t, c)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, reference, rtol=0, atol=0)
+
+
+def test_recipe_at_toy_scale_runs_resumes_and_refuses_other_settings(tmp_path):
+    from harmon.checkpoint import load_model
+    from harmon.hub import load_tokenizer
+    from harmon.pipelines import ImageToTextPipeline, TextToImagePipeline
+
+    cfg = RecipeConfig(n_images=12, vae=VAETrainConfig(steps=2, batch_size=4, log_every=1), steps=2,
+                       t2i_batch_size=4, i2t_batch_size=2, save_every=1, progress=False)
+    model_dir = run_recipe(tmp_path / "run", cfg)
+    record = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert set(record["seconds"]) == {"data", "tokenizer", "vae", "init", "harmon", "total"}
+    vae_scale = json.loads((tmp_path / "run" / "vae" / "scale.json").read_text())["vae_scale"]
+    model = load_model(model_dir)
+    assert model.config.name == "shapes" and model.config.vae_scale == pytest.approx(vae_scale)
+    assert model.config.image_size == 64 and model.config.mar.vae_stride == 8
+    tokenizer = load_tokenizer(model_dir, 512)
+    assert len(tokenizer) <= 512 and tokenizer.convert_tokens_to_ids("<|im_end|>") == 2
+    image = TextToImagePipeline(model, tokenizer)("a red circle", seeds=[0], num_iter=2, num_steps=2,
+                                                  progress=False).images[0]
+    assert image.size == (64, 64)
+    assert isinstance(ImageToTextPipeline(model, tokenizer)(image, "Describe the image.", max_new_tokens=4), str)
+
+    # a second call finds every stage done: the same model, no stage re-run
+    weights = (model_dir / "model.safetensors").read_bytes()
+    assert run_recipe(tmp_path / "run", cfg) == model_dir
+    assert (model_dir / "model.safetensors").read_bytes() == weights
+    assert json.loads((tmp_path / "run" / "recipe.json").read_text())["seconds"]["vae"] == record["seconds"]["vae"]
+    with pytest.raises(ValueError, match="other settings"):
+        run_recipe(tmp_path / "run", RecipeConfig(n_images=13, progress=False))
+
+
+def test_shapes_preset_is_consistent():
+    config = shapes()
+    assert config.mar.seq_len == 64 and config.vae.stride == 8 and config.mar.vae_embed_dim == 8
+    assert config.image_size == config.mar.img_size == world.DEFAULT_SIZE
+    assert config.mar.num_sampling_steps == "ddim100"
+
+
+# -- the shipped default model ---------------------------------------------------------------------------
+def test_the_default_model_ships_with_the_package_and_works(tmp_path, capsys):
+    from harmon.checkpoint import load_model
+    from harmon.cli import main
+    from harmon.hub import default_model_folder, load_tokenizer
+    from harmon.pipelines import TextToImagePipeline
+    from harmon.shapes import evaluate as ev
+
+    folder = default_model_folder()
+    model = load_model(folder)
+    assert model.config.name == "shapes" and model.config.mar.num_sampling_steps == "ddim100"
+    tokenizer = load_tokenizer(folder, int(model.config.llm["vocab_size"]))
+    prompt = world.prompt_item(world.Scene((), 64, "single_object", "a red circle",
+                                           ({"class": "circle", "count": 1, "color": "red"},)))
+    images = TextToImagePipeline(model, tokenizer)("a red circle", seeds=[0, 1, 2, 3], progress=False).images
+    assert sum(ev.score_image(prompt, image)["correct"] for image in images) >= 3
+
+    # the command line uses it when --model is absent
+    out = tmp_path / "circle.png"
+    assert main(["generate", "a red circle to the left of a blue square", "--seed", "0", "--out", str(out),
+                 "-q"]) == 0
+    assert out.is_file() and Image.open(out).size == (64, 64)
+    scene = world.Scene((world.Obj("square", "blue", 32, 32, 20),), 64, "single_object", "a blue square")
+    world.render(scene).save(tmp_path / "square.png")
+    capsys.readouterr()
+    assert main(["describe", str(tmp_path / "square.png"), "Describe the image."]) == 0
+    assert capsys.readouterr().out.strip() == "a blue square"
