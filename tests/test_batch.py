@@ -112,7 +112,7 @@ def test_malformed_prompt_files(case, model_dir, tmp_path, capsys):
             parse_prompts(text, fmt=name.rsplit(".", 1)[1])
 
 
-@pytest.mark.parametrize("case", ["batch size 0", "images 0", "size 50", "no model", "out-dir is a file"])
+@pytest.mark.parametrize("case", ["batch size 0", "images 0", "size 50", "missing model", "out-dir is a file"])
 def test_bad_options(case, model_dir, tmp_path, capsys):
     prompts = write(tmp_path / "p.json", '["a cat"]')
     out = tmp_path / "out"
@@ -120,7 +120,8 @@ def test_bad_options(case, model_dir, tmp_path, capsys):
         "batch size 0": (batch(model_dir, prompts, out, "--batch-size", "0"), ["--batch-size"]),
         "images 0": (batch(model_dir, prompts, out, "--num-images", "0"), ["--num-images"]),
         "size 50": (batch(model_dir, prompts, out, "--size", "50"), ["50"]),
-        "no model": (["batch", str(prompts), "--out-dir", str(out)], ["--model"]),
+        "missing model": (["batch", str(prompts), "--out-dir", str(out), "--model", str(tmp_path / "nothing")],
+                          ["model folder not found"]),
         "out-dir is a file": (batch(model_dir, prompts, prompts), ["not a folder"]),
     }[case]
     assert_user_error(main(argv), capsys, *words)

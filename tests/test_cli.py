@@ -125,7 +125,7 @@ def test_convert_then_generate(tiny_model, tmp_path, capsys):
     assert_user_error(2, capsys, "preset")
 
 
-@pytest.mark.parametrize("case", ["missing image", "size 50", "empty prompt", "no model", "no model dir",
+@pytest.mark.parametrize("case", ["missing image", "size 50", "empty prompt", "no model dir",
                                   "model is a file"])
 def test_user_errors(case, model_dir, tmp_path, capsys):
     gen = ["generate", "a cat", "--model", str(model_dir), "--out-dir", str(tmp_path), *FAST]
@@ -133,7 +133,6 @@ def test_user_errors(case, model_dir, tmp_path, capsys):
         "missing image": (["describe", str(tmp_path / "nope.png"), "--model", str(model_dir)], ["nope.png"]),
         "size 50": (gen + ["--size", "50"], ["50"]),
         "empty prompt": (["generate", "  ", "--model", str(model_dir)], ["empty"]),
-        "no model": (["generate", "a cat"], ["--model"]),
         "no model dir": (["generate", "a cat", "--model", str(tmp_path / "missing")], ["missing", "convert"]),
         "model is a file": (["describe", str(model_dir / "config.json"), "--model", str(model_dir / "config.json")],
                             ["folder"]),

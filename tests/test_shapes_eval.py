@@ -224,6 +224,11 @@ def test_evaluate_model_end_to_end(tiny, tmp_path):
             assert im.size == (64, 64)
         assert saved["generation"]["items"][i]["prompt"] == p["prompt"]
     assert not (out / "00004").exists()
+    assert saved["settings"]["num_iter"] == 2 and saved["settings"]["num_steps"] == "2"
+    fast = ev.evaluate_model(model, tokenizer, n_prompts=2, seed=123, image_size=64, fast=True, num_iter=4,
+                             understanding=False, echo=None)
+    assert fast["settings"]["fast"] and fast["settings"]["num_iter"] == 4
+    assert fast["settings"]["num_steps"] == "50,35,20,5"  # the fast mode's steps, annealed 50 -> 5
 
 
 def test_inpainting_evaluation(tiny, tmp_path):

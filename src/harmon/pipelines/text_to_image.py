@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..diffusion import NUM_TRAIN_TIMESTEPS, respaced_timesteps
 from ..models.harmon import Harmon
 from ..processing import (GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt, check_image_size, tensor_to_pil,
                           tokenize_prompts)
@@ -146,8 +147,12 @@ class TextToImagePipeline:
             raise ValueError(f"num_iter must be a positive integer, got {num_iter!r}")
         values = [] if num_steps is None else [num_steps] if isinstance(num_steps, (int, str)) else list(num_steps)
         for value in values:
-            if not (str(value).isdigit() and 2 <= int(value) <= 1000):
+            if str(value).isdigit() and not 2 <= int(value) <= 1000:
                 raise ValueError(f"num_steps must be integers in 2..1000, got {num_steps!r}")
+            try:  # counts, or respacing strings of the original ("10,5", "ddim25")
+                respaced_timesteps(NUM_TRAIN_TIMESTEPS, self.model.mar.diffloss.sampling_spec(value))
+            except ValueError as err:
+                raise ValueError(f"num_steps: {err} (got {num_steps!r})") from None
         if len(values) > 1 and len(values) != num_iter:
             raise ValueError(f"{len(values)} diffusion step counts for {num_iter} MAR iterations")
 

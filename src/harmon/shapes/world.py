@@ -302,6 +302,12 @@ def answer(objects: Sequence, qtype: str, params: dict[str, Any]) -> str | None:
     raise ValueError(f"unknown question type {qtype!r}")
 
 
+def answer_words() -> set[str]:
+    """Every word that captions and answers of the world use (to check that a model speaks its language)."""
+    words = set(COLORS) | set(SHAPES) | {plural(s) for s in SHAPES} | set(NUMBER_WORDS.values())
+    return words | {"a", "an", "and", "yes", "no"} | {w for r in RELATIONS for w in position_phrase(r).split()}
+
+
 def normalize_answer(text: str) -> str:
     """Lower case, single spaces, no surrounding whitespace or trailing periods."""
     text = " ".join(str(text).lower().split())
