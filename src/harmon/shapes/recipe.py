@@ -33,8 +33,8 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint import read_json, save_model
 from ..config import HarmonConfig, shapes
 from ..models.harmon import Harmon
-from ..models.vae import AutoencoderKL
 from ..models.init import init_vae, init_weights
+from ..models.vae import AutoencoderKL
 from ..processing import GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt
 from ..rng import derive_seed
 from ..tokenizer import train_small_tokenizer
