@@ -143,7 +143,8 @@ def run_recipe(out_dir: str | Path, cfg: RecipeConfig) -> Path:
 def _train_vae(config: HarmonConfig, data: Path, vae_dir: Path, cfg: RecipeConfig) -> None:
     images = load_images(data)
     generator = torch.Generator().manual_seed(derive_seed(cfg.seed, VAE_STREAM))
-    vae = AutoencoderKL(config.vae)
+    with torch.random.fork_rng(devices=[]):  # the constructor's default init must not touch the caller's RNG
+        vae = AutoencoderKL(config.vae)
     init_vae(vae, generator)
     vae_dir.mkdir(parents=True, exist_ok=True)
     with open(vae_dir / "log.jsonl", "w") as log:
@@ -159,7 +160,8 @@ def _initial_model(config: HarmonConfig, tok_dir: Path, vae_dir: Path, init_dir:
 
     scale = read_json(vae_dir / "scale.json")["vae_scale"]
     config = dataclasses.replace(config, vae_scale=float(scale))
-    model = Harmon(config)
+    with torch.random.fork_rng(devices=[]):  # the constructors' default init must not touch the caller's RNG
+        model = Harmon(config)
     init_weights(model, torch.Generator().manual_seed(derive_seed(seed, INIT_STREAM)))
     model.vae.load_state_dict(load_file(str(vae_dir / "vae.safetensors")))
     save_model(model, init_dir)
