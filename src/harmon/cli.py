@@ -29,9 +29,9 @@ def _version() -> str:
 
 
 def _model_folder(args: argparse.Namespace) -> Path:
-    from .hub import default_model_folder, resolve_model_folder
+    from .hub import resolve_model_folder
 
-    return resolve_model_folder(args.model if args.model else default_model_folder())
+    return resolve_model_folder(args.model)
 
 
 def _load(args: argparse.Namespace, folder: Path):

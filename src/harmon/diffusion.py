@@ -8,6 +8,7 @@ Respaced processes call the network with the *original* timestep
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -60,6 +61,7 @@ def respaced_timesteps(num_steps: int, section_counts: str) -> list[int]:
     return sorted(kept)
 
 
+@functools.lru_cache(maxsize=None)
 def ddim_count(num_steps: int, wanted: int) -> int:
     """The smallest step count >= ``wanted`` that a ``"ddimN"`` respacing of ``num_steps`` takes exactly
     without reaching the last timestep (strides dividing ``num_steps - 1`` end there, where the cosine

@@ -38,11 +38,14 @@ def default_model_folder() -> Path:
     return DEFAULT_MODEL_DIR
 
 
-def resolve_model_folder(name_or_path: PathLike) -> Path:
-    """A local model folder for ``name_or_path``: the folder itself, or a cached Hugging Face snapshot.
+def resolve_model_folder(name_or_path: PathLike | None) -> Path:
+    """A local model folder for ``name_or_path``: the folder itself, or a cached Hugging Face snapshot;
+    None means the shipped default model (:func:`default_model_folder`).
 
     Raises :class:`CheckpointError` saying what to download and where to put it when neither exists.
     """
+    if name_or_path is None:
+        return default_model_folder()
     text = os.fspath(name_or_path)
     if not text.strip():
         raise CheckpointError("the model name is empty")

@@ -60,7 +60,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_eval_shapes(args: argparse.Namespace) -> int:
     """Run :func:`harmon.shapes.evaluate.evaluate_model` from parsed arguments; 0 on success."""
     from ..checkpoint import load_model, read_config
-    from ..hub import default_model_folder, load_tokenizer, pick_device, pick_dtype, resolve_model_folder
+    from ..hub import load_tokenizer, pick_device, pick_dtype, resolve_model_folder
     from ..processing import check_image_size
     from .evaluate import evaluate_inpainting, evaluate_model
 
@@ -80,7 +80,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out is not a folder: {out}")
-    folder = resolve_model_folder(args.model if args.model else default_model_folder())
+    folder = resolve_model_folder(args.model)
     config = read_config(folder)
     check_image_size(args.size, args.size, config.mar.vae_stride)
     device = pick_device(args.device)

@@ -249,27 +249,27 @@ def summarize_answers(types: Iterable[str], correct: Iterable[bool]) -> dict[str
 DEFAULT_EVAL_SEED = 20_250_001  # evaluation streams differ from the training stream whatever the seed
 
 
-def _fmt_table(results: dict[str, Any]) -> str:
-    s = results["settings"]
-    lines = [f"shapes evaluation: model {s['model']}, {s['image_size']} px, seed {s['seed']}"]
-    gen = results.get("generation")
-    if gen is not None:
-        lines.append(f"{'generation (GenEval-style)':<34}{'score':>8}{'n':>7}")
-        for c, v in gen["per_category"].items():
-            lines.append(f"  {c:<32}{v:>8.3f}{gen['counts'][c]:>7d}")
-        lines.append(f"  {'overall (mean of categories)':<32}{gen['overall']:>8.3f}{sum(gen['counts'].values()):>7d}")
-    und = results.get("understanding")
-    if und is not None:
-        lines.append(f"{'understanding (exact match)':<34}{'acc':>8}{'n':>7}")
-        for t, v in und["per_type"].items():
-            lines.append(f"  {t:<32}{v:>8.3f}{und['counts'][t]:>7d}")
-        lines.append(f"  {'overall (mean of types)':<32}{und['overall']:>8.3f}{sum(und['counts'].values()):>7d}")
-    return "\n".join(lines)
+def _table_section(title: str, column: str, scores: dict[str, float], counts: dict[str, int], overall: float,
+                   overall_label: str) -> list[str]:
+    lines = [f"{title:<34}{column:>8}{'n':>7}"]
+    lines += [f"  {name:<32}{value:>8.3f}{counts[name]:>7d}" for name, value in scores.items()]
+    lines.append(f"  {overall_label:<32}{overall:>8.3f}{sum(counts.values()):>7d}")
+    return lines
 
 
 def format_table(results: dict[str, Any]) -> str:
     """The printed summary of :func:`evaluate_model`'s results."""
-    return _fmt_table(results)
+    s = results["settings"]
+    lines = [f"shapes evaluation: model {s['model']}, {s['image_size']} px, seed {s['seed']}"]
+    gen = results.get("generation")
+    if gen is not None:
+        lines += _table_section("generation (GenEval-style)", "score", gen["per_category"], gen["counts"],
+                                gen["overall"], "overall (mean of categories)")
+    und = results.get("understanding")
+    if und is not None:
+        lines += _table_section("understanding (exact match)", "acc", und["per_type"], und["counts"],
+                                und["overall"], "overall (mean of types)")
+    return "\n".join(lines)
 
 
 def write_geneval_sample(out_dir, index: int, metadata: dict[str, Any], images: Sequence[Image.Image]) -> None:

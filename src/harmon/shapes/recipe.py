@@ -111,16 +111,17 @@ def run_recipe(out_dir: str | Path, cfg: RecipeConfig) -> Path:
     def save_record():
         record_path.write_text(json.dumps(record, indent=1) + "\n")
 
+    stages = {
+        "data": lambda: write_datasets(data, cfg.n_images, cfg.seed, config.mar.img_size),
+        "tokenizer": lambda: train_small_tokenizer(training_texts(data), int(config.llm["vocab_size"]))
+        .save_pretrained(str(tok_dir)),
+        "vae": lambda: _train_vae(config, data, vae_dir, cfg),
+        "init": lambda: _initial_model(config, tok_dir, vae_dir, init_dir, cfg.seed),
+    }
     save_record()
-    _stage(out, "data", times, lambda: write_datasets(data, cfg.n_images, cfg.seed, config.mar.img_size))
-    save_record()
-    _stage(out, "tokenizer", times, lambda: train_small_tokenizer(
-        training_texts(data), int(config.llm["vocab_size"])).save_pretrained(str(tok_dir)))
-    save_record()
-    _stage(out, "vae", times, lambda: _train_vae(config, data, vae_dir, cfg))
-    save_record()
-    _stage(out, "init", times, lambda: _initial_model(config, tok_dir, vae_dir, init_dir, cfg.seed))
-    save_record()
+    for name, run in stages.items():
+        _stage(out, name, times, run)
+        save_record()
     tick = time.perf_counter()
     result = train(TrainConfig(
         model=str(init_dir), output_dir=str(out / "harmon"),
