@@ -338,7 +338,7 @@ def evaluate_model(model, tokenizer, n_prompts: int = 200, seed: int = DEFAULT_E
                        guidance_scale=guidance_scale, temperature=temperature, num_iter=num_iter,
                        num_steps=num_steps, fast=fast, height=image_size, progress=progress)
             images.update(zip(batch, res.images))
-            settings["num_iter"], settings["num_steps"] = res.settings["num_iter"], res.settings["num_steps"]
+        settings["num_iter"], settings["num_steps"] = res.settings["num_iter"], res.settings["num_steps"]
         items, cats, oks = [], [], []
         for i, p in enumerate(prompts):
             samples = []
