@@ -196,6 +196,7 @@ def test_writers_are_reproducible_and_parse(tmp_path):
     records = [json.loads(line) for line in a["scenes"].read_text().splitlines()]
     assert len(t2i) == len(llava) == len(records) == n
     assert json.loads(a["manifest"].read_text())["seed"] == 9
+    first_types = set()
     for i, (entry, line, conv, rec) in enumerate(zip(info, t2i, llava, records)):
         assert entry["image"] == f"000000/{i:07d}.png" and entry["annotation"] == f"000000/{i:07d}.json"
         caption = json.loads((root / "annotations" / entry["annotation"]).read_text())["caption"]
@@ -207,14 +208,19 @@ def test_writers_are_reproducible_and_parse(tmp_path):
         turns = conv["conversations"]
         assert len(turns) >= 2 and len(turns) % 2 == 0
         assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
-        assert turns[0]["value"] == "<image>\nDescribe the image."
+        assert turns[0]["value"].startswith("<image>\n")
         assert sum("<image>" in t["value"] for t in turns) == 1
         scene = Scene.from_dict(rec)
-        assert turns[1]["value"] == world.describe(scene.objects)
+        asked = [t["value"].removeprefix("<image>\n") for t in turns[0::2]]
+        assert asked == [q["question"] for q in rec["questions"]]
+        assert sorted(q["type"] for q in rec["questions"]) == sorted(q["type"] for q in world.questions(scene.objects))
+        assert turns[asked.index("Describe the image.") * 2 + 1]["value"] == world.describe(scene.objects)
+        first_types.add(rec["questions"][0]["type"])
         assert [t["value"] for t in turns[1::2]] == [q["answer"] for q in rec["questions"]]
         # the saved image is exactly the scene's rendering
         with Image.open(root / "images" / entry["image"]) as im:
             assert im.convert("RGB").tobytes() == world.render(scene).tobytes()
+    assert len(first_types) > 1  # conversations do not all open with the same question type
     # a longer run starts with the same scenes
     longer = write_datasets(tmp_path / "d", n + 5, seed=9)
     assert [json.loads(x) for x in longer["t2i"].read_text().splitlines()][:n] == t2i

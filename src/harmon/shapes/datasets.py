@@ -86,8 +86,8 @@ def write_datasets(out_dir: str | os.PathLike, n_images: int, seed: int, size: i
         data_info.append({"image": image_name, "annotation": ann_name})
         t2i.append({"image": f"images/{image_name}", "caption": scene.prompt})
         qas = world.questions(scene.objects, rng)
-        rest = [qas[int(k)] for k in rng.permutation(len(qas) - 1) + 1]  # describe first, the rest shuffled
-        qas = [qas[0]] + rest
+        # every question type comes first sometimes: users ask any question as the first turn
+        qas = [qas[int(k)] for k in rng.permutation(len(qas))]
         llava.append({"id": f"{i:07d}", "image": f"images/{image_name}", "conversations": conversation(qas)})
         record = scene.to_dict()
         record.update({"index": i, "image": f"images/{image_name}",
