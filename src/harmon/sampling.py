@@ -144,21 +144,28 @@ def generate_latents(model: Harmon, input_ids: torch.Tensor, attention_mask: tor
 
         mask_len = next_mask_len(to_generate, step, num_iter, masked)
         mask_next = torch.zeros_like(mask).scatter_(1, orders[:, :mask_len], 1.0)
-        if step == num_iter - 1:
-            to_pred, per_image = mask.bool(), masked
-        else:
-            to_pred, per_image = mask.bool() & ~mask_next.bool(), masked - mask_len
-        z_pred = z[:b][to_pred]
+        # the masked tokens are orders[:, :masked]; this step samples orders[:, first:masked] (all that
+        # are left at the last step), each image's in ascending position, the order a boolean index gives
+        first = 0 if step == num_iter - 1 else mask_len
+        positions = orders[:, first:masked].sort(dim=1).values  # (B, per_image)
+        per_image = masked - first
+        z_pred = _take(z[:b], positions)  # (B * per_image, D_dec)
         if guided:
-            z_pred = torch.cat([z_pred, z[b:][to_pred]])
+            z_pred = torch.cat([z_pred, _take(z[b:], positions)])
         cfg_iter = cfg_at_step(cfg, cfg_schedule, to_generate, mask_len)
         # the diffusion state stays float32 whatever the model's dtype
         x_T = rng.start_noise(b, per_image, c, guided).to(device=device, dtype=torch.float32)
         sampled = model.mar.diffloss.sample(
             z_pred, x_T, lambda: rng.step_noise(b, per_image, c, guided).to(device=device, dtype=torch.float32),
             temperature=temperature, cfg=cfg_iter, num_steps=steps[step])
-        tokens[to_pred] = sampled.to(dtype)
-        mask, masked = mask_next, mask_len
+        tokens.scatter_(1, positions.unsqueeze(-1).expand(-1, -1, c), sampled.to(dtype).view(b, per_image, c))
         if callback is not None:
+            to_pred = torch.zeros_like(mask, dtype=torch.bool).scatter_(1, positions, True)
             callback(StepInfo(step, num_iter, to_pred, mask_len, cfg_iter, z_pred, sampled, tokens))
+        mask, masked = mask_next, mask_len
     return tokens.view(b, h, w, c)
+
+
+def _take(rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """rows (B, L, D), positions (B, n) -> (B * n, D): rows[i, positions[i]] for each image, image after image."""
+    return rows.gather(1, positions.unsqueeze(-1).expand(-1, -1, rows.shape[-1])).flatten(0, 1)
