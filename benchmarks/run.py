@@ -27,6 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 FULL_ITERS, FULL_STEPS = 64, 100  # the original's text-to-image schedule (MAR iterations, diffusion steps)
 CFG = 3.0
+VAE_CHECK_SIZE, VAE_CHECK_TILE = 1024, 32  # one large image, decoded whole and in 512-px tiles
 
 
 # ============================================================================================
@@ -662,6 +663,34 @@ def load_check(folder: str, dtype_name: str) -> dict:
             "target_max_ratio": 1.2}
 
 
+def vae_decode_check(size: int, tile: int, dtype_name: str) -> dict:
+    """In a fresh process: decode one size x size image with the KL-16 VAE (random weights), whole (tile 0)
+    or in tiles of ``tile`` latent cells, and report the time and the peak RSS it added."""
+    import torch
+
+    from harmon.config import harmon_0_5b
+    from harmon.models.init import init_vae
+    from harmon.models.vae import AutoencoderKL
+
+    config = harmon_0_5b()
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        vae = AutoencoderKL(config.vae)
+    init_vae(vae, g)
+    vae = vae.to(dtype).eval()
+    grid = size // config.mar.vae_stride
+    latents = torch.randn(1, config.mar.vae_embed_dim, grid, grid, generator=g).to(dtype)
+    base = rss_now()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        image = vae.decode(latents) if tile == 0 else vae.decode_tiled(latents, tile)
+    seconds = time.perf_counter() - t0
+    return {"size": size, "tile": tile, "dtype": dtype_name, "seconds": seconds, "rss_before_bytes": base,
+            "peak_rss_bytes": rss_peak(), "added_peak_bytes": rss_peak() - base,
+            "image_bytes": image.numel() * image.element_size()}
+
+
 # ============================================================================================
 # the orchestrator
 # ============================================================================================
@@ -780,6 +809,13 @@ def print_report(r: dict) -> None:
                   f"GiB (memory-mapped, not yet read), reading all weights took {lc['touch_all_weights_s']:.1f} s; "
                   f"after: {lc['rss_split_after_touch_bytes'].get('RssFile', 0) / gib:.2f} GiB file-backed, "
                   f"{lc['rss_split_after_touch_bytes'].get('RssAnon', 0) / gib:.2f} GiB anonymous")
+    for v in r.get("vae_decode", []):
+        if "error" in v:
+            print(f"\nVAE decoding check FAILED:\n{v['error']}")
+            continue
+        how = "whole" if v["tile"] == 0 else f"in tiles of {v['tile']} latent cells ({v['tile'] * 16} px)"
+        print(f"VAE (KL-16, random weights, {v['dtype']}) decoding one {v['size']} px image {how}: "
+              f"{v['seconds']:.1f} s, peak RSS +{v['added_peak_bytes'] / gib:.2f} GiB")
     print(f"\nbenchmark wall time {r['wall_s']:.0f} s")
 
 
@@ -794,6 +830,7 @@ def main(argv=None) -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--write-checkpoint", nargs=3, help=argparse.SUPPRESS)
     p.add_argument("--load-check", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--vae-check", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
@@ -805,6 +842,10 @@ def main(argv=None) -> int:
         return 0
     if args.load_check:
         print(json.dumps(load_check(*args.load_check)))
+        return 0
+    if args.vae_check:
+        size, tile, dtype_name = args.vae_check
+        print(json.dumps(vae_decode_check(int(size), int(tile), dtype_name)))
         return 0
 
     t_start = time.perf_counter()
@@ -824,6 +865,12 @@ def main(argv=None) -> int:
             lc["writer"] = subprocess_json(["--write-checkpoint", name, str(folder), "bfloat16"], timeout=600)
         lc.update(subprocess_json(["--load-check", str(folder), "bfloat16"], timeout=600))
         r["load_check"] = lc
+    r["vae_decode"] = []
+    for tile in (0, VAE_CHECK_TILE):
+        print(f"VAE decoding {VAE_CHECK_SIZE} px, {'whole' if tile == 0 else f'tiles of {tile} cells'} ...",
+              file=sys.stderr, flush=True)
+        r["vae_decode"].append(subprocess_json(["--vae-check", str(VAE_CHECK_SIZE), str(tile), "float32"],
+                                               timeout=600))
     r["matmul_peak_gflops_end"] = measure_matmul_peak()
     r["wall_s"] = time.perf_counter() - t_start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -74,6 +74,12 @@ def _add_size_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None, metavar="W", help="image width (overrides --size)")
 
 
+def _add_vae_tile_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vae-tile", type=int, default=None, metavar="CELLS",
+                   help="decode the image in overlapping tiles of CELLS x CELLS latent cells, within bounded memory, "
+                   "for images too large to decode whole (changes pixels slightly at tile seams; default: whole)")
+
+
 def _add_decode_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
     g.add_argument("--max-new-tokens", type=int, default=1024, metavar="N",
@@ -188,6 +194,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError(f"--num-images must be >= 1, got {args.num_images}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_vae_tile(args)
     folder = _model_folder(args)
     height, width = _image_shape(args, read_config(folder))  # fail before loading the weights
     start = args.seed if args.seed is not None else secrets.randbits(31)
@@ -201,12 +208,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         batch = seeds[first:first + args.batch_size]
         out = pipe(prompt, num_images_per_prompt=len(batch), seeds=batch, guidance_scale=args.cfg,
                    cfg_schedule=args.cfg_schedule, temperature=args.temperature, height=height, width=width,
-                   progress=not args.quiet, **_iteration_settings(args))
+                   vae_tile=args.vae_tile, progress=not args.quiet, **_iteration_settings(args))
         for image, seed, path in zip(out.images, batch, paths[first:first + len(batch)]):
             meta = image_metadata({"prompt": prompt, "seed": seed, "cfg": args.cfg, "cfg_schedule": args.cfg_schedule,
                                    "temperature": args.temperature, "num_iter": out.settings["num_iter"],
                                    "fast": args.fast, "num_steps": out.settings["num_steps"], "height": height,
-                                   "width": width}, model, folder)
+                                   "width": width, "vae_tile": args.vae_tile}, model, folder)
             write_atomic(path, png_bytes(image, meta))
             images.append(image)
             print(path, flush=True)
@@ -216,6 +223,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                            "harmon_version": _version(), "software": f"harmon {_version()}"}))
         print(grid_path, flush=True)
     return 0
+
+
+def _check_vae_tile(args: argparse.Namespace) -> None:
+    if args.vae_tile is not None and args.vae_tile < 2:
+        raise UserError(f"--vae-tile must be at least 2 latent cells, got {args.vae_tile}")
 
 
 def _iteration_settings(args: argparse.Namespace) -> dict:
@@ -250,6 +262,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         raise UserError("the prompt is empty")
     if not args.out.lower().endswith(".png"):
         raise UserError(f"--out must name a .png file, got {args.out}")
+    _check_vae_tile(args)
     seed = args.seed if args.seed is not None else secrets.randbits(31)
     folder = _model_folder(args)
     stride = read_config(folder).mar.vae_stride
@@ -265,7 +278,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args, folder)
     out = EditPipeline(model, tokenizer)(region, args.prompt, seed=seed, guidance_scale=args.cfg,
                                          cfg_schedule=args.cfg_schedule, temperature=args.temperature,
-                                         num_iter=args.num_iter, num_steps=args.num_steps)
+                                         num_iter=args.num_iter, num_steps=args.num_steps, vae_tile=args.vae_tile)
     meta = image_metadata({"prompt": args.prompt, "seed": seed, "edit": chosen[0], "source_image": str(args.image),
                            **out.settings}, model, folder)
     path = Path(args.out)
@@ -586,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the first image (default: random)")
     _add_generation_options(p)
     _add_size_options(p)
+    _add_vae_tile_option(p)
     p.add_argument("--grid", action="store_true", help="also write one grid image of all outputs")
     p.add_argument("--fast", action="store_true",
                    help="fast mode: half the model's MAR iterations (32 for the released models), diffusion steps "
@@ -612,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, metavar="S", help="variations: fraction of tokens to regenerate (0, 1]")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="seed (default: random)")
     _add_generation_options(p)
+    _add_vae_tile_option(p)
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("batch", help="draw images for every prompt of a JSON/JSONL file (resumable, torchrun)",

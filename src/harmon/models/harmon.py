@@ -72,9 +72,14 @@ class Harmon(nn.Module):
         latents = self.vae.encode(images).mode() * self.config.vae_scale
         return latents.permute(0, 2, 3, 1)
 
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """scaled latent tokens (B, h, w, 16) -> images (B, 3, 16h, 16w), roughly in [-1, 1], not clamped."""
-        return self.vae.decode((tokens / self.config.vae_scale).permute(0, 3, 1, 2))
+    def decode(self, tokens: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """scaled latent tokens (B, h, w, 16) -> images (B, 3, 16h, 16w), roughly in [-1, 1], not clamped.
+
+        ``tile`` (latent cells) decodes in overlapping tiles within bounded memory
+        (:meth:`AutoencoderKL.decode_tiled`); None decodes whole, exactly as the original.
+        """
+        latents = (tokens / self.config.vae_scale).permute(0, 3, 1, 2)
+        return self.vae.decode(latents) if tile is None else self.vae.decode_tiled(latents, tile)
 
     # -- visual features ---------------------------------------------------------------------
     def extract_visual_feature(self, tokens: torch.Tensor, mask: torch.Tensor | None = None

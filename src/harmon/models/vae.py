@@ -205,3 +205,55 @@ class AutoencoderKL(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents (B, embed_dim, h, w), unscaled -> images (B, 3, 16h, 16w), not clamped."""
         return self.decoder(self.post_quant_conv(latents))
+
+    def decode_tiled(self, latents: torch.Tensor, tile: int, overlap: int | None = None) -> torch.Tensor:
+        """:meth:`decode` in overlapping square tiles of ``tile`` latent cells, for images too large to decode whole.
+
+        Memory is bounded by one tile instead of the whole image. Tiles overlap by
+        ``overlap`` cells (default tile // 4) and are blended with linear ramps across
+        each overlap. The result is not bit-equal to :meth:`decode` (the decoder's group
+        norms and attention see one tile at a time); a grid that fits in one tile is
+        decoded whole, exactly.
+        """
+        b, _, h, w = latents.shape
+        overlap = tile // 4 if overlap is None else overlap
+        if tile < 2 or not 0 <= overlap < tile:
+            raise ValueError(f"tiles need tile >= 2 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
+        if h <= tile and w <= tile:
+            return self.decode(latents)
+        rows, cols = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+        out = weight = None
+        for top in rows:
+            for left in cols:
+                part = self.decode(latents[:, :, top:top + tile, left:left + tile])  # (B, 3, th*s, tw*s)
+                s = part.shape[-1] // min(tile, w - left)  # pixels per latent cell
+                if out is None:  # blended in float32 whatever the model's dtype
+                    out = part.new_zeros(b, part.shape[1], h * s, w * s, dtype=torch.float32)
+                    weight = part.new_zeros(1, 1, h * s, w * s, dtype=torch.float32)
+                ramp_y = _blend_ramp(part.shape[-2], overlap * s, top > 0, top + tile < h, out)
+                ramp_x = _blend_ramp(part.shape[-1], overlap * s, left > 0, left + tile < w, out)
+                mask = ramp_y[:, None] * ramp_x[None, :]  # (th*s, tw*s)
+                y, x = top * s, left * s
+                out[:, :, y:y + part.shape[-2], x:x + part.shape[-1]] += part.float() * mask
+                weight[:, :, y:y + part.shape[-2], x:x + part.shape[-1]] += mask
+        return (out / weight).to(latents.dtype)
+
+
+def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """First cells of tiles of ``tile`` cells stepping by ``tile - overlap``; the last one ends at ``length``."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, tile - overlap))
+    return starts + [length - tile]
+
+
+def _blend_ramp(size: int, ramp: int, before: bool, after: bool, like: torch.Tensor) -> torch.Tensor:
+    """(size,) weights: 1 inside, rising linearly over ``ramp`` pixels at an edge shared with another tile."""
+    weights = torch.ones(size, dtype=like.dtype, device=like.device)
+    if ramp > 0:
+        rise = (torch.arange(ramp, dtype=like.dtype, device=like.device) + 0.5) / ramp
+        if before:
+            weights[:ramp] = torch.minimum(weights[:ramp], rise)
+        if after:
+            weights[-ramp:] = torch.minimum(weights[-ramp:], rise.flip(0))
+    return weights

@@ -125,9 +125,12 @@ class EditPipeline:
     @torch.no_grad()
     def __call__(self, region: KnownRegion, prompt: str, *, seed: int = 0, guidance_scale: float = 3.0,
                  cfg_schedule: Literal["constant", "linear"] = "constant", temperature: float = 1.0,
-                 num_iter: int | None = None, num_steps: int | str | None = None,
+                 num_iter: int | None = None, num_steps: int | str | None = None, vae_tile: int | None = None,
                  output_type: Literal["pil", "pt"] = "pil") -> TextToImageOutput:
-        """Fill the region's unknown tokens under ``prompt``; ``num_iter`` defaults to the model's."""
+        """Fill the region's unknown tokens under ``prompt``; ``num_iter`` defaults to the model's.
+
+        ``vae_tile`` decodes in tiles of that many latent cells, as in :class:`TextToImagePipeline`.
+        """
         if num_iter is None:
             num_iter = self.model.config.num_iter
         if not isinstance(prompt, str) or not prompt.strip():
@@ -146,10 +149,11 @@ class EditPipeline:
                                   image_shape=(h, w), num_iter=num_iter, cfg=guidance_scale,
                                   cfg_schedule=cfg_schedule, temperature=temperature, num_steps=num_steps,
                                   known_tokens=known_tokens, known_mask=region.known.reshape(1, -1))
-        images = self.model.decode(tokens)
+        images = self.model.decode(tokens, tile=vae_tile)
         settings = {"guidance_scale": guidance_scale, "cfg_schedule": cfg_schedule, "temperature": temperature,
                     "num_iter": num_iter, "num_steps": describe_steps(self.model, num_steps),
-                    "height": region.canvas.height, "width": region.canvas.width, "model": self.model.config.name,
+                    "height": region.canvas.height, "width": region.canvas.width, "vae_tile": vae_tile,
+                    "model": self.model.config.name,
                     "known_tokens": int(region.known.sum()), "generated_tokens": int((~region.known).sum())}
         return TextToImageOutput(tensor_to_pil(images) if output_type == "pil" else images, [seed], [prompt],
                                  settings)

@@ -76,7 +76,7 @@ class TextToImagePipeline:
                  height: int | None = None, width: int | None = None,
                  generator: torch.Generator | Sequence[torch.Generator] | None = None,
                  seeds: Sequence[int] | None = None, rng: ReferenceRNG | None = None, progress: bool = True,
-                 callback: Callable[[StepInfo], None] | None = None,
+                 callback: Callable[[StepInfo], None] | None = None, vae_tile: int | None = None,
                  output_type: Literal["pil", "pt"] = "pil") -> TextToImageOutput:
         """Generate ``num_images_per_prompt`` images for each prompt.
 
@@ -88,6 +88,8 @@ class TextToImagePipeline:
         selects the fast mode (half the model's iterations, 32 for the released models,
         and steps annealed 50 -> 5) for whatever of ``num_iter`` / ``num_steps`` is not given. ``callback`` receives a
         :class:`~harmon.sampling.StepInfo` after every MAR iteration (progress, cancellation).
+        ``vae_tile`` (latent cells) decodes large images in overlapping tiles within bounded
+        memory (:meth:`~harmon.models.harmon.Harmon.decode`); None decodes whole.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if num_iter is None:
@@ -123,11 +125,11 @@ class TextToImagePipeline:
                                       temperature=temperature, num_steps=num_steps, callback=on_step)
         finally:
             bar.close()
-        images = self.model.decode(tokens)
+        images = self.model.decode(tokens, tile=vae_tile)
         settings = {"guidance_scale": guidance_scale, "cfg_schedule": cfg_schedule, "temperature": temperature,
                     "num_iter": num_iter, "fast": fast,
                     "num_steps": describe_steps(self.model, num_steps),
-                    "height": height, "width": width, "model": self.model.config.name}
+                    "height": height, "width": width, "vae_tile": vae_tile, "model": self.model.config.name}
         return TextToImageOutput(tensor_to_pil(images) if output_type == "pil" else images, used_seeds, per_image,
                                  settings)
 
