@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
-DEFAULT_QUESTION = "Describe this image in detail."
+DEFAULT_QUESTION = "Describe the image."  # the shipped shapes model was trained on exactly this question
 
 
 class UserError(Exception):
@@ -728,8 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .shapes.cli import add_eval_parser, add_train_shapes_parser
 
-    add_eval_parser(sub)
-    add_train_shapes_parser(sub)
+    add_eval_parser(sub, fmt)
+    add_train_shapes_parser(sub, fmt)
 
     p = sub.add_parser("parity", help="reproduce a reference fixture folder and report errors per case")
     p.add_argument("folder", help="fixture folder with config.json, weights.safetensors and cases/")

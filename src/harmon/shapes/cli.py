@@ -15,7 +15,7 @@ from . import world
 from .evaluate import DEFAULT_EVAL_SEED
 
 
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+def add_eval_parser(subparsers, formatter_class=argparse.HelpFormatter) -> argparse.ArgumentParser:
     """Add ``eval`` (with ``shapes``) to an ``add_subparsers()`` object; returns the ``eval`` parser."""
     p = subparsers.add_parser("eval", help="evaluate a model (shapes: the synthetic world of SHAPES.md)",
                               description="Evaluate a model on a benchmark.")
@@ -25,7 +25,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                        "deterministic analyser (GenEval-style, per category), then ask questions about freshly "
                        "rendered scenes (exact match per question type). Prints a table, writes OUT/results.json "
                        "and GenEval's layout OUT/<index>/metadata.jsonl + samples/<k>.png.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=formatter_class)
     g = s.add_argument_group("model")
     g.add_argument("--model", default=None, metavar="DIR", help="model folder (default: the shipped shapes model)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
@@ -106,13 +106,13 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_train_shapes_parser(subparsers) -> argparse.ArgumentParser:
+def add_train_shapes_parser(subparsers, formatter_class=argparse.HelpFormatter) -> argparse.ArgumentParser:
     """Add ``train-shapes`` (the whole shapes recipe) to an ``add_subparsers()`` object."""
     p = subparsers.add_parser(
         "train-shapes", help="train the small shapes-world Harmon from nothing (the shipped default model)",
         description="Write the shapes-world training data, learn a tokenizer, train the KL autoencoder, then "
         "train Harmon with `harmon train`'s trainer, all from one seed. The finished model is OUT/model. "
-        "Running the same command again continues an interrupted run.")
+        "Running the same command again continues an interrupted run.", formatter_class=formatter_class)
     p.add_argument("--out", required=True, metavar="DIR", help="working folder (data, checkpoints, model)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of everything")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
