@@ -209,7 +209,7 @@ class AutoencoderKL(nn.Module):
     def decode_tiled(self, latents: torch.Tensor, tile: int, overlap: int | None = None) -> torch.Tensor:
         """:meth:`decode` in overlapping square tiles of ``tile`` latent cells, for images too large to decode whole.
 
-        Memory is bounded by one tile instead of the whole image. Tiles overlap by
+        Activations are those of one tile, whatever the image's size (plus the output). Tiles overlap by
         ``overlap`` cells (default tile // 4) and are blended with linear ramps across
         each overlap. The result is not bit-equal to :meth:`decode` (the decoder's group
         norms and attention see one tile at a time); a grid that fits in one tile is
