@@ -112,7 +112,8 @@ def test_malformed_prompt_files(case, model_dir, tmp_path, capsys):
             parse_prompts(text, fmt=name.rsplit(".", 1)[1])
 
 
-@pytest.mark.parametrize("case", ["batch size 0", "images 0", "size 50", "missing model", "out-dir is a file"])
+@pytest.mark.parametrize("case", ["batch size 0", "images 0", "size 50", "vae tile 1", "missing model",
+                                  "out-dir is a file"])
 def test_bad_options(case, model_dir, tmp_path, capsys):
     prompts = write(tmp_path / "p.json", '["a cat"]')
     out = tmp_path / "out"
@@ -120,6 +121,7 @@ def test_bad_options(case, model_dir, tmp_path, capsys):
         "batch size 0": (batch(model_dir, prompts, out, "--batch-size", "0"), ["--batch-size"]),
         "images 0": (batch(model_dir, prompts, out, "--num-images", "0"), ["--num-images"]),
         "size 50": (batch(model_dir, prompts, out, "--size", "50"), ["50"]),
+        "vae tile 1": (batch(model_dir, prompts, out, "--vae-tile", "1"), ["--vae-tile", "at least 2"]),
         "missing model": (["batch", str(prompts), "--out-dir", str(out), "--model", str(tmp_path / "nothing")],
                           ["model folder not found"]),
         "out-dir is a file": (batch(model_dir, prompts, prompts), ["not a folder"]),
@@ -170,6 +172,7 @@ def test_json_batch_files_metadata_and_pixels(model_dir, pipe, tmp_path, capsys)
         assert text["prompt"] == prompt and text["seed"] == str(seed) and text["model"] == "tiny"
         assert text["num_iter"] == "2" and text["num_steps"] == "2" and text["cfg"] == "3.0"
         assert json.loads(text["parameters"])["seed"] == seed
+        assert "vae_tile" not in text and json.loads(text["parameters"])["vae_tile"] is None  # no text "None"
     run = json.loads((out / "run.json").read_text())["settings"]
     assert (run["seed"], run["num_images"], run["num_steps"], run["height"], run["layout"]) == (5, 2, 2, 64, "default")
     # seeds: blocks of 3 items are generated together; each equals the pipeline with the same seeds, bit for bit
@@ -190,7 +193,11 @@ def test_json_batch_files_metadata_and_pixels(model_dir, pipe, tmp_path, capsys)
                         "num_steps: 2 -> 3"),
                        (batch(model_dir, prompts, out, "--num-images", "3", "--seed", "5"), "num_images"),
                        (batch(model_dir, other, out, "--num-images", "2", "--seed", "5"), "prompts_sha256"),
-                       (batch(model_dir, prompts, out, "--num-images", "2", "--seed", "5", "--geneval"), "layout")):
+                       (batch(model_dir, prompts, out, "--num-images", "2", "--seed", "5", "--geneval"), "layout"),
+                       (batch(model_dir, prompts, out, "--num-images", "2", "--seed", "5", "--fast"),
+                        "fast: false -> true"),
+                       (batch(model_dir, prompts, out, "--num-images", "2", "--seed", "5", "--vae-tile", "2"),
+                        "vae_tile: null -> 2")):
         assert_user_error(main(argv), capsys, "other settings", word)
     assert mtimes(out) == before
     # the same settings with another batch size: all skipped, nothing rewritten
@@ -198,6 +205,21 @@ def test_json_batch_files_metadata_and_pixels(model_dir, pipe, tmp_path, capsys)
     assert capsys.readouterr().out.splitlines() == ["rank 0/1: 0 done, 4 skipped, 4 total for this rank "
                                                     f"(4 images in the run) in {out}"]
     assert mtimes(out) == before
+
+
+def test_fast_mode_and_vae_tiles_are_run_settings(model_dir, pipe, tmp_path, capsys):
+    prompts = write(tmp_path / "p.json", '["a red circle"]')
+    out = tmp_path / "out"
+    assert main(["batch", str(prompts), "--model", str(model_dir), "--out-dir", str(out), "--size", "64", "-q",
+                 "--fast", "--vae-tile", "2", "--seed", "3"]) == 0
+    run = json.loads((out / "run.json").read_text())["settings"]
+    half = pipe.model.config.num_iter // 2
+    assert (run["fast"], run["vae_tile"], run["num_iter"], run["num_steps"]) == (True, 2, half, None)
+    with Image.open(out / "00000_00.png") as im:
+        text = im.text
+    assert (text["fast"], text["vae_tile"], text["num_iter"]) == ("True", "2", str(half))
+    expected = pipe(["a red circle"], seeds=[3], fast=True, vae_tile=2, height=64, progress=False).images[0]
+    assert np.array_equal(pixels(out / "00000_00.png"), np.asarray(expected))
 
 
 def test_geneval_layout_and_resume(model_dir, tmp_path, capsys):

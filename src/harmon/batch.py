@@ -38,7 +38,7 @@ Atomicity and resume
     it leaves are removed by whichever rank owns those images in the next run.
     ``run.json`` is created once (no-clobber, via a hard link) and compared on every later run:
     other settings (model, prompts, seed, images per prompt, size, guidance, steps, dtype,
-    layout) are refused with :class:`RunMismatchError` instead of mixing outputs. The batch
+    layout, fast mode, VAE tiles) are refused with :class:`RunMismatchError` instead of mixing outputs. The batch
     size, device and number of ranks are not settings and may change between runs.
 
 Sharding
@@ -424,7 +424,8 @@ class BatchSummary:
                 f"{self.mine} total for this rank ({self.total} images in the run) in {self.out_dir}")
 
 
-def _check_options(num_images, batch_size, seed, cfg, cfg_schedule, temperature, num_iter, num_steps) -> None:
+def _check_options(num_images, batch_size, seed, cfg, cfg_schedule, temperature, num_iter, num_steps,
+                   vae_tile) -> None:
     checks = [
         (isinstance(num_images, int) and num_images >= 1, f"--num-images must be >= 1, got {num_images}"),
         (isinstance(batch_size, int) and batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}"),
@@ -435,6 +436,8 @@ def _check_options(num_images, batch_size, seed, cfg, cfg_schedule, temperature,
         (isinstance(num_iter, int) and num_iter >= 1, f"--num-iter must be >= 1, got {num_iter}"),
         (num_steps is None or (str(num_steps).isdigit() and 2 <= int(num_steps) <= 1000),
          f"--num-steps must be in 2..1000, got {num_steps}"),
+        (vae_tile is None or (isinstance(vae_tile, int) and vae_tile >= 2),
+         f"--vae-tile must be at least 2 latent cells, got {vae_tile}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -464,17 +467,18 @@ def _print_line(text: str) -> None:
 def run_batch(prompts: PathLike | Sequence[PromptRecord], model: PathLike, out_dir: PathLike, *, seed: int = 0,
               num_images: int = 1, batch_size: int = 4, geneval: bool = False, cfg: float = 3.0,
               cfg_schedule: str = "constant", temperature: float = 1.0, num_iter: int | None = None,
-              num_steps: int | None = None, height: int | None = None, width: int | None = None, device: str = "auto",
-              dtype: str = "auto", shard: Shard | None = None, progress: bool = True,
-              log: Callable[[str], None] | None = None) -> BatchSummary:
+              num_steps: int | None = None, fast: bool = False, height: int | None = None, width: int | None = None,
+              vae_tile: int | None = None, device: str = "auto", dtype: str = "auto", shard: Shard | None = None,
+              progress: bool = True, log: Callable[[str], None] | None = None) -> BatchSummary:
     """Generate this rank's share of the images of ``prompts`` into ``out_dir`` (see the module docstring).
 
     ``prompts``: a prompts file or :func:`load_prompts`'s records; ``model``: a model folder (or a cached
-    Hugging Face repo id). ``shard`` defaults to :func:`shard_from_env`. ``log`` receives one line per
+    Hugging Face repo id). ``fast`` and ``vae_tile`` are :class:`~harmon.pipelines.TextToImagePipeline`'s. ``shard`` defaults to :func:`shard_from_env`. ``log`` receives one line per
     written image (its path) and the summary line (default: print to stdout).
     """
     from .checkpoint import folder_weights_path, read_config
     from .hub import pick_dtype, resolve_model_folder
+    from .pipelines.text_to_image import fast_num_iter
     from .processing import check_image_size
 
     emit = log if log is not None else _print_line
@@ -487,8 +491,9 @@ def run_batch(prompts: PathLike | Sequence[PromptRecord], model: PathLike, out_d
     config = read_config(folder)
     height = config.image_size if height is None else height
     width = height if width is None else width
-    num_iter = config.num_iter if num_iter is None else num_iter
-    _check_options(num_images, batch_size, seed, cfg, cfg_schedule, temperature, num_iter, num_steps)
+    if num_iter is None:
+        num_iter = fast_num_iter(config.num_iter) if fast else config.num_iter
+    _check_options(num_images, batch_size, seed, cfg, cfg_schedule, temperature, num_iter, num_steps, vae_tile)
     check_image_size(height, width, config.mar.vae_stride)
     shard = shard if shard is not None else shard_from_env()
     torch_device = _device_for(device, shard)
@@ -502,8 +507,8 @@ def run_batch(prompts: PathLike | Sequence[PromptRecord], model: PathLike, out_d
         "prompts": len(records), "prompts_sha256": prompts_digest(records),
         "seed": seed, "num_images": num_images, "layout": "geneval" if geneval else "default",
         "height": height, "width": width, "cfg": float(cfg), "cfg_schedule": cfg_schedule,
-        "temperature": float(temperature), "num_iter": num_iter, "num_steps": num_steps,
-        "dtype": str(torch_dtype).split(".")[-1],
+        "temperature": float(temperature), "num_iter": num_iter, "num_steps": num_steps, "fast": bool(fast),
+        "vae_tile": vae_tile, "dtype": str(torch_dtype).split(".")[-1],
     }
     from . import __version__
 
@@ -530,7 +535,8 @@ def run_batch(prompts: PathLike | Sequence[PromptRecord], model: PathLike, out_d
     if todo:
         _generate(todo, records, folder, summary, emit, settings, shard, torch_device, torch_dtype, progress,
                   dict(guidance_scale=float(cfg), cfg_schedule=cfg_schedule, temperature=float(temperature),
-                       num_iter=num_iter, num_steps=num_steps, height=height, width=width))
+                       num_iter=num_iter, num_steps=num_steps, fast=bool(fast), height=height, width=width,
+                       vae_tile=vae_tile))
     emit(summary.line())
     return summary
 
@@ -602,8 +608,9 @@ def _generate(todo, records, folder, summary: BatchSummary, emit, settings, shar
                 text = image_metadata({"prompt": prompt, "seed": it.seed, "cfg": gen_kwargs["guidance_scale"],
                                        "cfg_schedule": gen_kwargs["cfg_schedule"],
                                        "temperature": gen_kwargs["temperature"], "num_iter": gen_kwargs["num_iter"],
-                                       "num_steps": result.settings["num_steps"], "height": gen_kwargs["height"],
-                                       "width": gen_kwargs["width"], "index": it.index, "sample": it.k},
+                                       "num_steps": result.settings["num_steps"], "fast": gen_kwargs["fast"],
+                                       "height": gen_kwargs["height"], "width": gen_kwargs["width"],
+                                       "vae_tile": gen_kwargs["vae_tile"], "index": it.index, "sample": it.k},
                                       model, model_path)
                 write_atomic(it.png, png_bytes(images[it.number], text))
                 meta = {"index": it.index, "sample": it.k, "seed": it.seed, "prompt": prompt,
@@ -636,7 +643,8 @@ def png_bytes(image, text: Mapping[str, Any]) -> bytes:
 
     info = PngInfo()
     for key, value in text.items():
-        info.add_text(key, str(value))
+        if value is not None:  # absent rather than the text "None" (``parameters`` keeps the null)
+            info.add_text(key, str(value))
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()

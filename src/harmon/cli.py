@@ -66,6 +66,12 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
                    help="diffusion steps per token (default: the model's, 100 for the released models)")
 
 
+def _add_fast_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fast", action="store_true",
+                   help="fast mode: half the model's MAR iterations (32 for the released models), diffusion steps "
+                   "annealed 50 -> 5 (replaces --num-iter/--num-steps)")
+
+
 def _add_size_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=None, metavar="PX",
                    help="square image side, a multiple of the VAE stride (default: the model's, 512 for the released "
@@ -294,12 +300,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from .batch import run_batch
     from .checkpoint import read_config
 
+    _check_vae_tile(args)
     folder = _model_folder(args)
     height, width = _image_shape(args, read_config(folder))
     run_batch(args.prompts_file, folder, args.out_dir, seed=args.seed, num_images=args.num_images,
               batch_size=args.batch_size, geneval=args.geneval, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
-              temperature=args.temperature, num_iter=args.num_iter, num_steps=args.num_steps, height=height,
-              width=width, device=args.device, dtype=args.dtype, progress=not args.quiet)
+              temperature=args.temperature, **_iteration_settings(args), height=height, width=width,
+              vae_tile=args.vae_tile, device=args.device, dtype=args.dtype, progress=not args.quiet)
     return 0
 
 
@@ -601,9 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_size_options(p)
     _add_vae_tile_option(p)
     p.add_argument("--grid", action="store_true", help="also write one grid image of all outputs")
-    p.add_argument("--fast", action="store_true",
-                   help="fast mode: half the model's MAR iterations (32 for the released models), diffusion steps "
-                   "annealed 50 -> 5 (replaces --num-iter/--num-steps)")
+    _add_fast_option(p)
     p.add_argument("--batch-size", type=int, default=4, metavar="B", help="images generated at once")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
@@ -645,7 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seed of image 0 of prompt 0; image k of prompt i gets S + i*K + k (default: 0)")
     _add_generation_options(p)
+    _add_fast_option(p)
     _add_size_options(p)
+    _add_vae_tile_option(p)
     p.add_argument("--batch-size", type=int, default=4, metavar="B",
                    help="images generated at once (not a setting of the run: may change when resuming)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

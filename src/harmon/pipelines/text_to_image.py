@@ -21,6 +21,11 @@ from ..sampling import StepInfo, annealed_steps, generate_latents
 FAST_STEPS = (50, 5)
 
 
+def fast_num_iter(num_iter: int) -> int:
+    """The fast mode's MAR iterations for a model that samples with ``num_iter``: half, at least one."""
+    return max(1, num_iter // 2)
+
+
 def describe_steps(model: Harmon, num_steps) -> str:
     """The respacing actually used for ``num_steps`` (one value, or one per MAR iteration joined by commas)."""
     spec = model.mar.diffloss.sampling_spec
@@ -93,7 +98,7 @@ class TextToImagePipeline:
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if num_iter is None:
-            num_iter = max(1, self.model.config.num_iter // 2) if fast else self.model.config.num_iter
+            num_iter = fast_num_iter(self.model.config.num_iter) if fast else self.model.config.num_iter
         if num_steps is None and fast:
             num_steps = annealed_steps(*FAST_STEPS, num_iter)
         height = self.model.config.image_size if height is None else height
