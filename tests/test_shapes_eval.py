@@ -204,12 +204,13 @@ def test_evaluate_model_end_to_end(tiny, tmp_path):
     results = ev.evaluate_model(model, tokenizer, n_prompts=4, seed=123, out_dir=out, num_iter=2, num_steps=2,
                                 image_size=64, n_scenes=2, max_new_tokens=4, echo=printed.append)
     table = printed[0]
-    for word in ("generation", "understanding", "overall", "single_object", "describe"):
+    for word in ("generation", "understanding", "overall", "single_object", "describe", "images/s"):
         assert word in table
     saved = json.loads((out / "results.json").read_text())
     assert saved["generation"]["overall"] == results["generation"]["overall"]
     assert 0.0 <= saved["generation"]["overall"] <= 1.0
     assert sum(saved["generation"]["counts"].values()) == 4
+    assert saved["generation"]["seconds"] > 0
     assert list(saved["generation"]["per_category"]) == list(world.CATEGORIES[:4])
     assert saved["understanding"]["counts"]["describe"] == 2
     assert all(0.0 <= v <= 1.0 for v in saved["understanding"]["per_type"].values())

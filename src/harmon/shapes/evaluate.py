@@ -23,6 +23,7 @@ category, with GenEval's overall score the mean of the category scores.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -265,6 +266,9 @@ def format_table(results: dict[str, Any]) -> str:
     if gen is not None:
         lines += _table_section("generation (GenEval-style)", "score", gen["per_category"], gen["counts"],
                                 gen["overall"], "overall (mean of categories)")
+        if "seconds" in gen:
+            n = sum(gen["counts"].values())
+            lines.append(f"  drawn in {gen['seconds']:.1f} s ({n / max(gen['seconds'], 1e-9):.2f} images/s)")
     und = results.get("understanding")
     if und is not None:
         lines += _table_section("understanding (exact match)", "acc", und["per_type"], und["counts"],
@@ -332,12 +336,14 @@ def evaluate_model(model, tokenizer, n_prompts: int = 200, seed: int = DEFAULT_E
         pipe = TextToImagePipeline(model, tokenizer)
         jobs = [(i, k) for i in range(len(prompts)) for k in range(images_per_prompt)]
         images: dict[tuple[int, int], Image.Image] = {}
+        started = time.perf_counter()
         for first in range(0, len(jobs), batch_size):
             batch = jobs[first:first + batch_size]
             res = pipe([prompts[i]["prompt"] for i, _ in batch], seeds=[image_seeds[i][k] for i, k in batch],
                        guidance_scale=guidance_scale, temperature=temperature, num_iter=num_iter,
                        num_steps=num_steps, fast=fast, height=image_size, progress=progress)
             images.update(zip(batch, res.images))
+        seconds = time.perf_counter() - started
         settings["num_iter"], settings["num_steps"] = res.settings["num_iter"], res.settings["num_steps"]
         items, cats, oks = [], [], []
         for i, p in enumerate(prompts):
@@ -356,6 +362,7 @@ def evaluate_model(model, tokenizer, n_prompts: int = 200, seed: int = DEFAULT_E
                 meta["prompt"] = p["prompt"]
                 write_geneval_sample(out, i, meta, [images[(i, k)] for k in range(images_per_prompt)])
         gen = summarize(cats, oks)
+        gen["seconds"] = round(seconds, 2)  # wall time of drawing the images (model already loaded)
         gen["items"] = items
         results["generation"] = gen
 
