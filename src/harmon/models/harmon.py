@@ -68,14 +68,14 @@ class Harmon(nn.Module):
 
     # -- VAE ------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) in [-1, 1] -> scaled latent tokens (B, H/16, W/16, 16)."""
+        """images (B, 3, H, W) in [-1, 1] -> scaled latent tokens (B, H/s, W/s, C): s the VAE stride, C its channels."""
         latents = self.vae.encode(images).mode() * self.config.vae_scale
         return latents.permute(0, 2, 3, 1)
 
     def decode(self, tokens: torch.Tensor, tile: int | None = None) -> torch.Tensor:
-        """scaled latent tokens (B, h, w, 16) -> images (B, 3, 16h, 16w), roughly in [-1, 1], not clamped.
+        """scaled latent tokens (B, h, w, C) -> images (B, 3, s*h, s*w), s the VAE stride; roughly in [-1, 1].
 
-        ``tile`` (latent cells) decodes in overlapping tiles within bounded memory
+        The output is not clamped. ``tile`` (latent cells) decodes in overlapping tiles within bounded memory
         (:meth:`AutoencoderKL.decode_tiled`); None decodes whole, exactly as the original.
         """
         latents = (tokens / self.config.vae_scale).permute(0, 3, 1, 2)
