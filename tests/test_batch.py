@@ -220,6 +220,11 @@ def test_fast_mode_and_vae_tiles_are_run_settings(model_dir, pipe, tmp_path, cap
     assert (text["fast"], text["vae_tile"], text["num_iter"]) == ("True", "2", str(half))
     expected = pipe(["a red circle"], seeds=[3], fast=True, vae_tile=2, height=64, progress=False).images[0]
     assert np.array_equal(pixels(out / "00000_00.png"), np.asarray(expected))
+    # --fast fills in only what is not given: here the steps, annealed over the 2 iterations asked for
+    assert main(["batch", str(prompts), "--model", str(model_dir), "--out-dir", str(tmp_path / "two"), "--size", "64",
+                 "-q", "--fast", "--num-iter", "2"]) == 0
+    with Image.open(tmp_path / "two" / "00000_00.png") as im:
+        assert (im.text["num_iter"], im.text["num_steps"]) == ("2", "50,5")
 
 
 def test_geneval_layout_and_resume(model_dir, tmp_path, capsys):

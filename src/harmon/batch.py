@@ -37,9 +37,9 @@ Atomicity and resume
     else is (re)generated. A killed run so loses only the images in flight; the stale temporary files
     it leaves are removed by whichever rank owns those images in the next run.
     ``run.json`` is created once (no-clobber, via a hard link) and compared on every later run:
-    other settings (model, prompts, seed, images per prompt, size, guidance, steps, dtype,
-    layout, fast mode, VAE tiles) are refused with :class:`RunMismatchError` instead of mixing outputs. The batch
-    size, device and number of ranks are not settings and may change between runs.
+    other settings (model, prompts, seed, images per prompt, size, guidance, steps, fast mode,
+    VAE tiles, dtype, layout) are refused with :class:`RunMismatchError` instead of mixing
+    outputs. The batch size, device and number of ranks are not settings and may change between runs.
 
 Sharding
     Under ``torchrun --nproc_per_node N`` the ranks read ``RANK``, ``WORLD_SIZE`` and
@@ -473,8 +473,9 @@ def run_batch(prompts: PathLike | Sequence[PromptRecord], model: PathLike, out_d
     """Generate this rank's share of the images of ``prompts`` into ``out_dir`` (see the module docstring).
 
     ``prompts``: a prompts file or :func:`load_prompts`'s records; ``model``: a model folder (or a cached
-    Hugging Face repo id). ``fast`` and ``vae_tile`` are :class:`~harmon.pipelines.TextToImagePipeline`'s. ``shard`` defaults to :func:`shard_from_env`. ``log`` receives one line per
-    written image (its path) and the summary line (default: print to stdout).
+    Hugging Face repo id). ``fast`` and ``vae_tile`` mean what they mean to
+    :class:`~harmon.pipelines.TextToImagePipeline`. ``shard`` defaults to :func:`shard_from_env`. ``log``
+    receives one line per written image (its path) and the summary line (default: print to stdout).
     """
     from .checkpoint import folder_weights_path, read_config
     from .hub import pick_dtype, resolve_model_folder

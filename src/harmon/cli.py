@@ -69,7 +69,7 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
 def _add_fast_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast", action="store_true",
                    help="fast mode: half the model's MAR iterations (32 for the released models), diffusion steps "
-                   "annealed 50 -> 5 (replaces --num-iter/--num-steps)")
+                   "annealed 50 -> 5 (for whichever of --num-iter / --num-steps is not given)")
 
 
 def _add_size_options(p: argparse.ArgumentParser) -> None:
@@ -214,7 +214,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         batch = seeds[first:first + args.batch_size]
         out = pipe(prompt, num_images_per_prompt=len(batch), seeds=batch, guidance_scale=args.cfg,
                    cfg_schedule=args.cfg_schedule, temperature=args.temperature, height=height, width=width,
-                   vae_tile=args.vae_tile, progress=not args.quiet, **_iteration_settings(args))
+                   vae_tile=args.vae_tile, progress=not args.quiet, num_iter=args.num_iter, num_steps=args.num_steps,
+                   fast=args.fast)
         for image, seed, path in zip(out.images, batch, paths[first:first + len(batch)]):
             meta = image_metadata({"prompt": prompt, "seed": seed, "cfg": args.cfg, "cfg_schedule": args.cfg_schedule,
                                    "temperature": args.temperature, "num_iter": out.settings["num_iter"],
@@ -234,13 +235,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _check_vae_tile(args: argparse.Namespace) -> None:
     if args.vae_tile is not None and args.vae_tile < 2:
         raise UserError(f"--vae-tile must be at least 2 latent cells, got {args.vae_tile}")
-
-
-def _iteration_settings(args: argparse.Namespace) -> dict:
-    """MAR iterations and diffusion steps: the fast mode's, or those given."""
-    if args.fast:
-        return {"fast": True}
-    return {"num_iter": args.num_iter, "num_steps": args.num_steps}
 
 
 def _parse_box(text: str, what: str) -> tuple[int, int, int, int]:
@@ -300,13 +294,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from .batch import run_batch
     from .checkpoint import read_config
 
-    _check_vae_tile(args)
     folder = _model_folder(args)
     height, width = _image_shape(args, read_config(folder))
     run_batch(args.prompts_file, folder, args.out_dir, seed=args.seed, num_images=args.num_images,
               batch_size=args.batch_size, geneval=args.geneval, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
-              temperature=args.temperature, **_iteration_settings(args), height=height, width=width,
-              vae_tile=args.vae_tile, device=args.device, dtype=args.dtype, progress=not args.quiet)
+              temperature=args.temperature, num_iter=args.num_iter, num_steps=args.num_steps, fast=args.fast,
+              height=height, width=width, vae_tile=args.vae_tile, device=args.device, dtype=args.dtype,
+              progress=not args.quiet)
     return 0
 
 

@@ -42,7 +42,8 @@ def add_eval_parser(subparsers, formatter_class=argparse.HelpFormatter) -> argpa
     s.add_argument("--num-iter", type=int, default=None, metavar="N", help="MAR iterations (None: the model's)")
     s.add_argument("--num-steps", type=int, default=None, metavar="N", help="diffusion steps (None: the model's)")
     s.add_argument("--fast", action="store_true",
-                   help="generate in the fast mode (half the MAR iterations, diffusion steps annealed 50 -> 5)")
+                   help="generate in the fast mode (half the MAR iterations, diffusion steps annealed 50 -> 5, "
+                   "for whichever of --num-iter / --num-steps is not given)")
     s.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
     s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     s.add_argument("--batch-size", type=int, default=8, metavar="B", help="images generated at once")
