@@ -207,7 +207,7 @@ def test_json_batch_files_metadata_and_pixels(model_dir, pipe, tmp_path, capsys)
     assert mtimes(out) == before
 
 
-def test_fast_mode_and_vae_tiles_are_run_settings(model_dir, pipe, tmp_path, capsys):
+def test_fast_mode_and_vae_tiles_are_run_settings(model_dir, pipe, tmp_path):
     prompts = write(tmp_path / "p.json", '["a red circle"]')
     out = tmp_path / "out"
     assert main(["batch", str(prompts), "--model", str(model_dir), "--out-dir", str(out), "--size", "64", "-q",
