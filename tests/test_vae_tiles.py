@@ -72,6 +72,22 @@ def test_impossible_tiles_are_refused(shapes_model):
             shapes_model.vae.decode_tiled(tokens.permute(0, 3, 1, 2), tile, overlap)
 
 
+def test_pipelines_refuse_impossible_tiles_before_generating(shapes_model):
+    from harmon.hub import load_tokenizer
+    from harmon.pipelines import EditPipeline, TextToImagePipeline, variation_region
+
+    tokenizer = load_tokenizer(default_model_folder(), 512)
+    steps = []
+    with pytest.raises(ValueError, match="vae_tile"):
+        TextToImagePipeline(shapes_model, tokenizer)("a red circle", vae_tile=1, callback=steps.append,
+                                                     progress=False)
+    assert steps == []  # refused before the first MAR iteration
+    region = variation_region(Image.new("RGB", (64, 64), world.BACKGROUND), 0.5, torch.Generator().manual_seed(0),
+                              stride=shapes_model.config.mar.vae_stride)
+    with pytest.raises(ValueError, match="vae_tile"):
+        EditPipeline(shapes_model, tokenizer)(region, "a red circle", vae_tile=0)
+
+
 def test_cli_generates_with_tiles_and_refuses_tiny_tiles(tmp_path, capsys):
     out = tmp_path / "big.png"
     assert main(["generate", "a red circle", "--size", "128", "--vae-tile", "8", "--num-iter", "4",

@@ -103,6 +103,12 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(p.permute(1, 2, 0).numpy(), "RGB") for p in pixels]
 
 
+def check_vae_tile(tile: int | None) -> None:
+    """``vae_tile`` is None (decode whole) or a tile side of at least 2 latent cells; checked before generating."""
+    if tile is not None and (not isinstance(tile, int) or tile < 2):
+        raise ValueError(f"vae_tile must be None or at least 2 latent cells, got {tile!r}")
+
+
 def check_image_size(height: int, width: int, stride: int = 16) -> tuple[int, int]:
     """The latent grid (h, w) of an image size; sizes must be positive multiples of ``stride``."""
     for name, value in (("height", height), ("width", width)):

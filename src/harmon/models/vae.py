@@ -203,7 +203,7 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussian(self.quant_conv(self.encoder(images)))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents (B, embed_dim, h, w), unscaled -> images (B, 3, 16h, 16w), not clamped."""
+        """latents (B, embed_dim, h, w), unscaled -> images (B, 3, s*h, s*w) with s the stride, not clamped."""
         return self.decoder(self.post_quant_conv(latents))
 
     def decode_tiled(self, latents: torch.Tensor, tile: int, overlap: int | None = None) -> torch.Tensor:

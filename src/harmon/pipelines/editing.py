@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from ..models.harmon import Harmon
-from ..processing import (GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt, check_image_size, image_to_tensor,
-                          load_image, tensor_to_pil, tokenize_prompts)
+from ..processing import (GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt, check_image_size, check_vae_tile,
+                          image_to_tensor, load_image, tensor_to_pil, tokenize_prompts)
 from ..rng import SeededRNG
 from ..sampling import generate_latents
 from .text_to_image import TextToImageOutput, describe_steps
@@ -135,6 +135,7 @@ class EditPipeline:
             num_iter = self.model.config.num_iter
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("the prompt is empty")
+        check_vae_tile(vae_tile)
         if region.stride != self.model.config.mar.vae_stride:
             raise ValueError(f"the region was built for VAE stride {region.stride}, the model's is "
                              f"{self.model.config.mar.vae_stride}: pass stride= to the region builder")

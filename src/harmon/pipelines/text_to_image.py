@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 
 from ..diffusion import NUM_TRAIN_TIMESTEPS, respaced_timesteps
 from ..models.harmon import Harmon
-from ..processing import (GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt, check_image_size, tensor_to_pil,
-                          tokenize_prompts)
+from ..processing import (GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt, check_image_size, check_vae_tile,
+                          tensor_to_pil, tokenize_prompts)
 from ..rng import ReferenceRNG, SeededRNG
 from ..sampling import StepInfo, annealed_steps, generate_latents
 
@@ -104,6 +104,7 @@ class TextToImagePipeline:
         height = self.model.config.image_size if height is None else height
         width = height if width is None else width
         self._validate(prompts, num_images_per_prompt, guidance_scale, temperature, num_iter, num_steps)
+        check_vae_tile(vae_tile)
         grid = check_image_size(height, width, self.model.config.mar.vae_stride)
         per_image = [p for p in prompts for _ in range(num_images_per_prompt)]
         if rng is None:
