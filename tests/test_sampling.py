@@ -110,6 +110,25 @@ def test_batch_of_wrong_parity_and_bad_settings_raise(reference_model):
         cfg_at_step(3.0, "cosine", 16, 4)
 
 
+def test_mar_selects_visible_tokens_without_reading_the_mask(reference_model):
+    # On the meta device nothing can be read back: a data-dependent step (boolean indexing, .item())
+    # raises there, and would wait for the device on an accelerator. Given the count, none is needed.
+    with torch.device("meta"):
+        mar = type(reference_model.mar)(reference_model.mar.cfg)
+    b, (h, w) = 2, (reference_model.mar.seq_h, reference_model.mar.seq_w)
+    tokens = torch.empty(b, h * w, reference_model.token_dim, device="meta")
+    mask = torch.empty(b, h * w, device="meta")
+    x_enc = mar.forward_mae_encoder(tokens, mask, mar.fake_latent.expand(b, -1), (h, w), num_masked=5)
+    assert x_enc.shape == (b, mar.buffer_size + h * w - 5, mar.cfg.encoder_embed_dim)
+    assert mar.forward_mae_decoder(x_enc, mask, (h, w)).shape == (b, h * w, mar.cfg.decoder_embed_dim)
+    # without the count the encoder reads it from the mask, and refuses rows that hide different numbers
+    tokens = torch.randn(b, h * w, reference_model.token_dim)
+    mask = torch.zeros(b, h * w)
+    mask[0, :3], mask[1, :4] = 1.0, 1.0
+    with pytest.raises(ValueError, match="same number of tokens"):
+        reference_model.extract_visual_feature(tokens.view(b, h, w, -1), mask)
+
+
 def test_mask_schedule_formula():
     # 256 tokens in 64 steps: recorded by the reference (case g, run 1), first and last steps
     lens, masked = [], 256

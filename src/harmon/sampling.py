@@ -120,24 +120,25 @@ def generate_latents(model: Harmon, input_ids: torch.Tensor, attention_mask: tor
     orders = rng.orders(b, seq_len, guided).to(device)               # (B, L)
     tokens = torch.zeros(b, seq_len, c, device=device, dtype=dtype)  # (B, L, C)
     mask = torch.ones(b, seq_len, device=device)                     # float32, 1 = still to generate
+    to_generate = seq_len
     if known_mask is not None:
         known_mask = known_mask.to(device=device, dtype=torch.bool).reshape(b, seq_len)
-        unknown = (~known_mask).sum(dim=1)
-        if not bool((unknown == unknown[0]).all()) or int(unknown[0]) == 0:
+        unknown = (~known_mask).sum(dim=1).tolist()
+        if len(set(unknown)) != 1 or unknown[0] == 0:
             raise ValueError("every image needs the same, non-zero number of tokens to generate")
+        to_generate = unknown[0]
         tokens[known_mask] = known_tokens.to(device=device, dtype=dtype).reshape(b, seq_len, c)[known_mask]
         mask[known_mask] = 0.0
         # unknown positions first, each image keeping its random order among them
         orders = torch.gather(orders, 1, torch.argsort(known_mask.gather(1, orders).to(torch.int8), dim=1,
                                                        stable=True))
-    to_generate = int(mask[0].sum())
     prefix_len = input_ids.shape[1]
     cache = prefill_shared(model, input_ids)
     pair = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
 
     masked = to_generate  # tracked on the host: no device synchronisation per step
     for step in range(num_iter):
-        x_enc, z_enc = model.extract_visual_feature(tokens.view(b, h, w, c), mask)
+        x_enc, z_enc = model.extract_visual_feature(tokens.view(b, h, w, c), mask, num_masked=masked)
         x_enc = model.llm_residual(pair(x_enc), pair(z_enc), attention_mask, cache=cache)
         crop_cache(cache, prefix_len)
         z = model.mar.forward_mae_decoder(x_enc, pair(mask), image_shape=(h, w))  # (rows, L, D_dec)

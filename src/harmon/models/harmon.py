@@ -82,9 +82,12 @@ class Harmon(nn.Module):
         return self.vae.decode(latents) if tile is None else self.vae.decode_tiled(latents, tile)
 
     # -- visual features ---------------------------------------------------------------------
-    def extract_visual_feature(self, tokens: torch.Tensor, mask: torch.Tensor | None = None
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def extract_visual_feature(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, *,
+                               num_masked: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens (B, h, w, C), mask (B, h*w) float with 1 = dropped (None: keep all).
+
+        ``num_masked`` (dropped tokens per row, when the caller knows it) spares reading the
+        mask back from the device.
 
         Returns x_enc (B, K + visible, D_enc) with the buffer first, and
         z_enc = proj_in(x_enc) (B, visible + K, H_llm) with the buffer moved to the end.
@@ -92,9 +95,9 @@ class Harmon(nn.Module):
         b, h, w, c = tokens.shape
         tokens = tokens.reshape(b, h * w, c)
         if mask is None:
-            mask = tokens.new_zeros(b, h * w)
+            mask, num_masked = tokens.new_zeros(b, h * w), 0
         buffer_embed = self.mar.fake_latent.expand(b, -1)
-        x_enc = self.mar.forward_mae_encoder(tokens, mask, buffer_embed, image_shape=(h, w))
+        x_enc = self.mar.forward_mae_encoder(tokens, mask, buffer_embed, image_shape=(h, w), num_masked=num_masked)
         z_enc = self.proj_in(x_enc)
         k = self.buffer_size
         return x_enc, torch.cat([z_enc[:, k:], z_enc[:, :k]], dim=1)
@@ -123,9 +126,9 @@ class Harmon(nn.Module):
 
     def forward_mae_encoder(self, tokens: torch.Tensor, mask: torch.Tensor, attention_mask: torch.Tensor, *,
                             input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                            cache: DynamicCache | None = None) -> torch.Tensor:
+                            cache: DynamicCache | None = None, num_masked: int | None = None) -> torch.Tensor:
         """MAR encoder + LLM context: tokens (B, h, w, C) -> x_enc (B, K + visible, D_enc)."""
-        x_enc, z_enc = self.extract_visual_feature(tokens, mask)
+        x_enc, z_enc = self.extract_visual_feature(tokens, mask, num_masked=num_masked)
         if cache is None and inputs_embeds is None:
             inputs_embeds = self.llm.get_input_embeddings()(input_ids)
         return self.llm_residual(x_enc, z_enc, attention_mask, cache=cache, text_embeds=inputs_embeds)

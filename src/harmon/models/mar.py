@@ -138,29 +138,49 @@ class MAR(nn.Module):
 
     # -- encoder / decoder -----------------------------------------------------------------
     def forward_mae_encoder(self, tokens: torch.Tensor, mask: torch.Tensor, buffer_embed: torch.Tensor,
-                            image_shape: tuple[int, int]) -> torch.Tensor:
+                            image_shape: tuple[int, int], num_masked: int | None = None) -> torch.Tensor:
         """Encode the visible tokens.
 
         tokens (B, L, C), mask (B, L) with the same number of masked entries per row,
         buffer_embed (B, D_enc) -> (B, buffer + visible, D_enc), buffer first,
-        visible tokens in ascending position order.
+        visible tokens in ascending position order. ``num_masked`` (that number, when the
+        caller knows it) spares reading the mask back from the device.
         """
         x = self.z_proj(tokens)  # (B, L, D)
         b, _, d = x.shape
         x = torch.cat([buffer_embed.unsqueeze(1).expand(b, self.buffer_size, d).to(x.dtype), x], dim=1)
         x = x + self.get_encoder_pos_embed(*image_shape)
         x = self.z_proj_ln(x)
-        keep = torch.cat([mask.new_zeros(b, self.buffer_size), mask], dim=1) == 0  # (B, buffer + L)
-        x = x[keep].reshape(b, -1, d)
+        if num_masked is None:
+            num_masked = masked_per_row(mask)
+        keep = self._kept_positions(mask, x.shape[1] - num_masked)  # (B, buffer + visible)
+        x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, d))
         return self.encoder_norm(self._run_blocks(self.encoder_blocks, x))
 
     def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor, image_shape: tuple[int, int]) -> torch.Tensor:
         """x (B, buffer + visible, D_enc), mask (B, L) -> diffusion conditions z (B, L, D_dec)."""
         x = self.decoder_embed(x)
-        b, _, d = x.shape
-        keep = torch.cat([mask.new_zeros(b, self.buffer_size), mask], dim=1) == 0  # (B, buffer + L)
-        full = self.mask_token.to(x.dtype).expand(b, keep.shape[1], d).clone()
-        full[keep] = x.reshape(-1, d)
+        b, kept, d = x.shape
+        keep = self._kept_positions(mask, kept)  # (B, buffer + visible)
+        full = self.mask_token.to(x.dtype).expand(b, self.buffer_size + mask.shape[1], d)
+        full = full.scatter(1, keep.unsqueeze(-1).expand(-1, -1, d), x)  # (B, buffer + L, D_dec)
         full = full + self.get_decoder_pos_embed(*image_shape)
         full = self.decoder_norm(self._run_blocks(self.decoder_blocks, full))
         return full[:, self.buffer_size:] + self.get_diffusion_pos_embed(*image_shape)
+
+    def _kept_positions(self, mask: torch.Tensor, kept: int) -> torch.Tensor:
+        """mask (B, L), 1 = masked -> (B, kept) long: the buffer slots and the visible positions of the
+        buffer + L sequence, ascending (what a boolean index selects, without asking the device its count)."""
+        dropped = torch.cat([mask.new_zeros(mask.shape[0], self.buffer_size), mask], dim=1)  # (B, buffer + L)
+        return torch.argsort(dropped, dim=1, stable=True)[:, :kept]
+
+
+def masked_per_row(mask: torch.Tensor) -> int:
+    """The number of masked entries of every row of ``mask`` (B, L); a ValueError if the rows differ.
+
+    Reads the mask back from its device: callers that know the count pass it on instead.
+    """
+    counts = (mask != 0).sum(dim=1).tolist()
+    if len(set(counts)) > 1:
+        raise ValueError(f"every row of the mask must hide the same number of tokens, got {counts}")
+    return counts[0] if counts else 0

@@ -66,7 +66,7 @@ def text_to_image_loss(model: Harmon, pixel_values: torch.Tensor, input_ids: tor
     mask = torch.zeros(b, seq_len, device=model.device).scatter_(1, orders[:, :num_masked], 1.0)
 
     x_enc = model.forward_mae_encoder(latents, mask, attention_mask.to(model.device),
-                                      input_ids=input_ids.to(model.device))
+                                      input_ids=input_ids.to(model.device), num_masked=num_masked)
     z = model.mar.forward_mae_decoder(x_enc, mask, image_shape=(h, w))  # (B, L, D_dec)
 
     target = latents.reshape(b * seq_len, c).repeat(mul, 1)  # rows: [all tokens] x mul, not interleaved
