@@ -7,6 +7,7 @@ import torch
 
 from harmon.checkpoint import load_model
 from harmon.rng import ReferenceRNG, SeededRNG
+from harmon.models.harmon import crop_cache, reserve_room
 from harmon.sampling import cfg_at_step, generate_latents, next_mask_len
 
 EOS = 992  # the tiny fixture's <|im_end|> stand-in, used as right padding
@@ -110,6 +111,24 @@ def test_batch_of_wrong_parity_and_bad_settings_raise(reference_model):
         cfg_at_step(3.0, "cosine", 16, 4)
 
 
+def test_compiled_sampling_runs_the_compiled_parts_and_gives_the_same_tokens(tiny_fixture_dir, reference_model):
+    model = load_model(tiny_fixture_dir, dtype=torch.float32)
+    keys = list(model.state_dict())
+    traced = []
+
+    def backend(graph, example_inputs):  # records what was compiled, then runs it as traced (no inductor: quick)
+        traced.append({node.target for node in graph.graph.nodes})
+        return graph.forward
+
+    model.compile_for_sampling(backend=backend)
+    compiled = generate(model, [COND_A], [9], num_iter=3)
+    assert_close_rel(compiled, generate(reference_model, [COND_A], [9], num_iter=3), rel=1e-5)
+    assert list(model.state_dict()) == keys  # compiled in place: checkpoints still load and save
+    targets = set().union(*traced)
+    # the diffusion head's network (reached through forward_with_cfg) and the MAR blocks were traced
+    assert torch.nn.functional.silu in targets and torch.nn.functional.scaled_dot_product_attention in targets
+
+
 def test_mar_selects_visible_tokens_without_reading_the_mask(reference_model):
     # On the meta device nothing can be read back: a data-dependent step (boolean indexing, .item())
     # raises there, and would wait for the device on an accelerator. Given the count, none is needed.
@@ -166,3 +185,23 @@ def test_step_counts_keep_the_models_respacing_style():
     assert ddim.sampling_spec(None) == "ddim100" and ddim.sampling_spec(37) == "ddim39"
     assert ddim.sampling_spec("10,5") == "10,5" and ddim.sampling_spec("ddim25") == "ddim25"
     assert ddim.sampling_process(37).timestep_map[-1] == 26 * 38
+
+
+def test_roomy_cache_appends_and_crops_in_one_buffer(reference_model):
+    ids, _ = prompts([COND_A, UNCOND])
+    dynamic = reference_model.prefill(ids)
+    roomy = reserve_room(reference_model.prefill(ids), room=5)
+    prompt_len = ids.shape[1]
+    buffer = roomy.layers[0]._keys.data_ptr()
+    rows, heads, _, dim = roomy.layers[0].keys.shape
+    for n in (3, 5, 2):  # one loop iteration each: append n image positions, attend, crop back to the prompt
+        new_k, new_v = torch.randn(2, rows, heads, n, dim).unbind(0)
+        keys, values = roomy.layers[0].update(new_k, new_v)
+        expected_k, expected_v = dynamic.layers[0].update(new_k, new_v)
+        assert torch.equal(keys, expected_k) and torch.equal(values, expected_v)
+        assert keys.data_ptr() == buffer and roomy.get_seq_length() == prompt_len + n
+        crop_cache(roomy, prompt_len)
+        crop_cache(dynamic, prompt_len)
+        assert roomy.layers[0].keys.data_ptr() == buffer and roomy.get_seq_length() == prompt_len
+    with pytest.raises(ValueError, match="room for"):
+        roomy.layers[0].update(*torch.randn(2, rows, heads, 6, dim).unbind(0))

@@ -468,13 +468,15 @@ def run_batch(prompts: PathLike | Sequence[PromptRecord], model: PathLike, out_d
               num_images: int = 1, batch_size: int = 4, geneval: bool = False, cfg: float = 3.0,
               cfg_schedule: str = "constant", temperature: float = 1.0, num_iter: int | None = None,
               num_steps: int | None = None, fast: bool = False, height: int | None = None, width: int | None = None,
-              vae_tile: int | None = None, device: str = "auto", dtype: str = "auto", shard: Shard | None = None,
-              progress: bool = True, log: Callable[[str], None] | None = None) -> BatchSummary:
+              vae_tile: int | None = None, device: str = "auto", dtype: str = "auto", compile: bool = False,
+              shard: Shard | None = None, progress: bool = True, log: Callable[[str], None] | None = None
+              ) -> BatchSummary:
     """Generate this rank's share of the images of ``prompts`` into ``out_dir`` (see the module docstring).
 
     ``prompts``: a prompts file or :func:`load_prompts`'s records; ``model``: a model folder (or a cached
     Hugging Face repo id). ``fast`` and ``vae_tile`` mean what they mean to
-    :class:`~harmon.pipelines.TextToImagePipeline`. ``shard`` defaults to :func:`shard_from_env`. ``log``
+    :class:`~harmon.pipelines.TextToImagePipeline`; ``compile`` calls :meth:`~harmon.models.harmon.Harmon.compile_for_sampling`
+    (like ``batch_size``, not a setting of the run: it changes outputs only by float rounding). ``shard`` defaults to :func:`shard_from_env`. ``log``
     receives one line per written image (its path) and the summary line (default: print to stdout).
     """
     from .checkpoint import folder_weights_path, read_config
@@ -534,7 +536,7 @@ def run_batch(prompts: PathLike | Sequence[PromptRecord], model: PathLike, out_d
         if pending:
             todo.append((block, pending))
     if todo:
-        _generate(todo, records, folder, summary, emit, settings, shard, torch_device, torch_dtype, progress,
+        _generate(todo, records, folder, summary, emit, settings, shard, torch_device, torch_dtype, compile, progress,
                   dict(guidance_scale=float(cfg), cfg_schedule=cfg_schedule, temperature=float(temperature),
                        num_iter=num_iter, num_steps=num_steps, fast=bool(fast), height=height, width=width,
                        vae_tile=vae_tile))
@@ -584,7 +586,7 @@ def _prepare_folders(out: Path, records: Sequence[PromptRecord], mine: list[list
 
 
 def _generate(todo, records, folder, summary: BatchSummary, emit, settings, shard: Shard, device, dtype,
-              progress: bool, gen_kwargs: dict) -> None:
+              compile: bool, progress: bool, gen_kwargs: dict) -> None:
     from tqdm.auto import tqdm
 
     from . import __version__
@@ -593,6 +595,8 @@ def _generate(todo, records, folder, summary: BatchSummary, emit, settings, shar
     from .pipelines import TextToImagePipeline
 
     model = load_model(folder, device=device, dtype=dtype)
+    if compile:
+        model.compile_for_sampling()
     tokenizer = load_tokenizer(folder, int(model.config.llm["vocab_size"]))
     pipe = TextToImagePipeline(model, tokenizer)
     model_path = str(Path(folder).resolve())

@@ -5,7 +5,9 @@ shortcuts: the MAR encoder runs once for a conditional/unconditional pair
 (their inputs are identical), identical prompts (the unconditional one) are
 prefilled once, and the diffusion sampler keeps only the conditional rows (the
 original samples the unconditional twins too and then overwrites them with the
-conditional ones). Known tokens (editing) are kept and never re-sampled.
+conditional ones). The prompts' KV cache is allocated once with room for an
+iteration's image tokens, and nothing in the loop reads values back from the
+device. Known tokens (editing) are kept and never re-sampled.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from .models.harmon import Harmon, crop_cache
+from .models.harmon import Harmon, crop_cache, reserve_room
 
 
 class TokenRNG(Protocol):
@@ -133,7 +135,8 @@ def generate_latents(model: Harmon, input_ids: torch.Tensor, attention_mask: tor
         orders = torch.gather(orders, 1, torch.argsort(known_mask.gather(1, orders).to(torch.int8), dim=1,
                                                        stable=True))
     prefix_len = input_ids.shape[1]
-    cache = prefill_shared(model, input_ids)
+    # room for one iteration's image tokens (buffer + visible), allocated once
+    cache = reserve_room(prefill_shared(model, input_ids), model.buffer_size + seq_len)
     pair = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
 
     masked = to_generate  # tracked on the host: no device synchronisation per step

@@ -106,7 +106,7 @@ class SimpleMLPAdaLN(nn.Module):
         eps = uncond + cfg * (cond - uncond) for both halves, variance values stay per half.
         """
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, c)
+        out = self(torch.cat([half, half]), t, c)  # through __call__, so that Module.compile applies
         eps, rest = out[:, : self.in_channels], out[:, self.in_channels:]
         cond_eps, uncond_eps = eps.chunk(2)
         guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)

@@ -13,7 +13,7 @@ import copy
 
 import torch
 from torch import nn
-from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+from transformers import DynamicCache, DynamicLayer, Qwen2Config, Qwen2ForCausalLM
 
 from ..config import HarmonConfig
 from .mar import MAR
@@ -65,6 +65,19 @@ class Harmon(nn.Module):
     @property
     def buffer_size(self) -> int:
         return self.config.mar.buffer_size
+
+    def compile_for_sampling(self, **options) -> None:
+        """Compile, with ``torch.compile`` (in place, state-dict keys unchanged), what generation runs
+        most often: the diffusion head's network (every diffusion step) and the MAR encoder and decoder
+        blocks (every MAR iteration). ``options`` go to ``torch.compile`` (default ``dynamic=True``: the
+        token counts change every iteration). Outputs equal the eager ones up to float rounding; the first
+        calls pay the compilation (tens of seconds). The LLM stays eager: its KV cache changes layout
+        every iteration, which would recompile it each time.
+        """
+        options = {"dynamic": True, **options}
+        self.mar.diffloss.net.compile(**options)
+        for block in (*self.mar.encoder_blocks, *self.mar.decoder_blocks):
+            block.compile(**options)
 
     # -- VAE ------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -172,3 +185,38 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
     extra = cache.get_seq_length() - length
     if extra > 0:
         cache.crop(-extra)
+
+
+def reserve_room(cache: DynamicCache, room: int) -> DynamicCache:
+    """Turn every layer of a prefilled ``cache`` into a :class:`RoomyLayer` with ``room`` free positions."""
+    cache.layers = [RoomyLayer(layer, room) for layer in cache.layers]
+    return cache
+
+
+class RoomyLayer(DynamicLayer):
+    """A KV-cache layer whose keys and values live in one buffer allocated up front, with room after them.
+
+    An update writes its positions right after the current ones and returns views of the buffer, so
+    the generation loop, which appends an iteration's image tokens to the prompt's cache and then
+    crops them off again (:func:`crop_cache`, a view here too), neither concatenates nor allocates per
+    iteration. The values attention sees are the ones :class:`DynamicLayer` would give.
+    """
+
+    def __init__(self, layer: DynamicLayer, room: int):
+        super().__init__()
+        b, heads, length, dim = layer.keys.shape  # (B, kv_heads, T, head_dim)
+        self._keys = layer.keys.new_empty(b, heads, length + room, dim)
+        self._values = layer.values.new_empty(b, heads, length + room, dim)
+        self._keys[:, :, :length], self._values[:, :, :length] = layer.keys, layer.values
+        self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
+        self.device, self.is_initialized = layer.keys.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.keys.shape[-2]
+        end = start + key_states.shape[-2]
+        if end > self._keys.shape[-2]:
+            raise ValueError(f"the KV cache has room for {self._keys.shape[-2]} positions, {end} were asked")
+        self._keys[:, :, start:end], self._values[:, :, start:end] = key_states, value_states
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values

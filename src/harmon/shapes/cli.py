@@ -44,6 +44,8 @@ def add_eval_parser(subparsers, formatter_class=argparse.HelpFormatter) -> argpa
     s.add_argument("--fast", action="store_true",
                    help="generate in the fast mode (half the MAR iterations, diffusion steps annealed 50 -> 5, "
                    "for whichever of --num-iter / --num-steps is not given)")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the diffusion head and MAR blocks first (same scores up to float rounding)")
     s.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
     s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     s.add_argument("--batch-size", type=int, default=8, metavar="B", help="images generated at once")
@@ -86,6 +88,8 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     check_image_size(args.size, args.size, config.mar.vae_stride)
     device = pick_device(args.device)
     model = load_model(folder, device=device, dtype=pick_dtype(args.dtype, device))
+    if args.compile:
+        model.compile_for_sampling()
     tokenizer = load_tokenizer(folder, int(model.config.llm["vocab_size"]))
     written = []
     if not (args.no_generation and args.no_understanding):
