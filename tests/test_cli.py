@@ -170,3 +170,11 @@ def test_generate_fast_mode(model_dir, tmp_path):
                  "--size", "64", "--fast", "-q"]) == 0
     text = Image.open(out).text
     assert text["fast"] == "True" and text["num_iter"] == "32" and text["num_steps"].startswith("50,")
+
+
+def test_edit_fast_mode(model_dir, photo, tmp_path):
+    out = tmp_path / "fast_edit.png"
+    assert main(["edit", str(photo), "a red circle", "--box", "0,0,32,32", "--model", str(model_dir), "--out",
+                 str(out), "--seed", "2", "--fast", "--num-iter", "3"]) == 0
+    text = Image.open(out).text  # --num-iter given: only the steps come from the fast mode, annealed over 3
+    assert text["fast"] == "True" and text["num_iter"] == "3" and text["num_steps"].count(",") == 2

@@ -475,13 +475,14 @@ def run_batch(prompts: PathLike | Sequence[PromptRecord], model: PathLike, out_d
 
     ``prompts``: a prompts file or :func:`load_prompts`'s records; ``model``: a model folder (or a cached
     Hugging Face repo id). ``fast`` and ``vae_tile`` mean what they mean to
-    :class:`~harmon.pipelines.TextToImagePipeline`; ``compile`` calls :meth:`~harmon.models.harmon.Harmon.compile_for_sampling`
-    (like ``batch_size``, not a setting of the run: it changes outputs only by float rounding). ``shard`` defaults to :func:`shard_from_env`. ``log``
+    :class:`~harmon.pipelines.TextToImagePipeline`; ``compile`` calls
+    :meth:`~harmon.models.harmon.Harmon.compile_for_sampling` (like ``batch_size``, not a setting of the
+    run: it changes outputs only by float rounding). ``shard`` defaults to :func:`shard_from_env`. ``log``
     receives one line per written image (its path) and the summary line (default: print to stdout).
     """
     from .checkpoint import folder_weights_path, read_config
     from .hub import pick_dtype, resolve_model_folder
-    from .pipelines.text_to_image import fast_num_iter
+    from .pipelines.text_to_image import iteration_schedule
     from .processing import check_image_size
 
     emit = log if log is not None else _print_line
@@ -494,8 +495,7 @@ def run_batch(prompts: PathLike | Sequence[PromptRecord], model: PathLike, out_d
     config = read_config(folder)
     height = config.image_size if height is None else height
     width = height if width is None else width
-    if num_iter is None:
-        num_iter = fast_num_iter(config.num_iter) if fast else config.num_iter
+    num_iter = iteration_schedule(config.num_iter, num_iter, num_steps, fast)[0]  # steps: the pipeline's
     _check_options(num_images, batch_size, seed, cfg, cfg_schedule, temperature, num_iter, num_steps, vae_tile)
     check_image_size(height, width, config.mar.vae_stride)
     shard = shard if shard is not None else shard_from_env()

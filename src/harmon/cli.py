@@ -286,7 +286,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args, folder)
     out = EditPipeline(model, tokenizer)(region, args.prompt, seed=seed, guidance_scale=args.cfg,
                                          cfg_schedule=args.cfg_schedule, temperature=args.temperature,
-                                         num_iter=args.num_iter, num_steps=args.num_steps, vae_tile=args.vae_tile)
+                                         num_iter=args.num_iter, num_steps=args.num_steps, fast=args.fast,
+                                         vae_tile=args.vae_tile)
     meta = image_metadata({"prompt": args.prompt, "seed": seed, "edit": chosen[0], "source_image": str(args.image),
                            **out.settings}, model, folder)
     path = Path(args.out)
@@ -634,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, metavar="S", help="variations: fraction of tokens to regenerate (0, 1]")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="seed (default: random)")
     _add_generation_options(p)
+    _add_fast_option(p)
     _add_vae_tile_option(p)
     p.set_defaults(func=cmd_edit)
 

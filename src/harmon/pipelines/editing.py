@@ -10,7 +10,7 @@ built by :func:`inpaint_region`, :func:`outpaint_region` or
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from ..processing import (GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt, 
                           image_to_tensor, load_image, tensor_to_pil, tokenize_prompts)
 from ..rng import SeededRNG
 from ..sampling import generate_latents
-from .text_to_image import TextToImageOutput, describe_steps
+from .text_to_image import TextToImageOutput, describe_steps, iteration_schedule
 
 STRIDE = 16  # the released models' VAE stride (KL-16); pass the model's own as ``stride``
 
@@ -125,14 +125,14 @@ class EditPipeline:
     @torch.no_grad()
     def __call__(self, region: KnownRegion, prompt: str, *, seed: int = 0, guidance_scale: float = 3.0,
                  cfg_schedule: Literal["constant", "linear"] = "constant", temperature: float = 1.0,
-                 num_iter: int | None = None, num_steps: int | str | None = None, vae_tile: int | None = None,
-                 output_type: Literal["pil", "pt"] = "pil") -> TextToImageOutput:
+                 num_iter: int | None = None, num_steps: int | str | Sequence[int] | None = None, fast: bool = False,
+                 vae_tile: int | None = None, output_type: Literal["pil", "pt"] = "pil") -> TextToImageOutput:
         """Fill the region's unknown tokens under ``prompt``; ``num_iter`` defaults to the model's.
 
-        ``vae_tile`` decodes in tiles of that many latent cells, as in :class:`TextToImagePipeline`.
+        ``fast`` and ``vae_tile`` mean what they mean to :class:`TextToImagePipeline` (the fast mode's
+        iterations run over the unknown tokens only).
         """
-        if num_iter is None:
-            num_iter = self.model.config.num_iter
+        num_iter, num_steps = iteration_schedule(self.model.config.num_iter, num_iter, num_steps, fast)
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("the prompt is empty")
         check_vae_tile(vae_tile)
@@ -152,7 +152,7 @@ class EditPipeline:
                                   known_tokens=known_tokens, known_mask=region.known.reshape(1, -1))
         images = self.model.decode(tokens, tile=vae_tile)
         settings = {"guidance_scale": guidance_scale, "cfg_schedule": cfg_schedule, "temperature": temperature,
-                    "num_iter": num_iter, "num_steps": describe_steps(self.model, num_steps),
+                    "num_iter": num_iter, "fast": fast, "num_steps": describe_steps(self.model, num_steps),
                     "height": region.canvas.height, "width": region.canvas.width, "vae_tile": vae_tile,
                     "model": self.model.config.name,
                     "known_tokens": int(region.known.sum()), "generated_tokens": int((~region.known).sum())}

@@ -21,9 +21,16 @@ from ..sampling import StepInfo, annealed_steps, generate_latents
 FAST_STEPS = (50, 5)
 
 
-def fast_num_iter(num_iter: int) -> int:
-    """The fast mode's MAR iterations for a model that samples with ``num_iter``: half, at least one."""
-    return max(1, num_iter // 2)
+def iteration_schedule(model_num_iter: int, num_iter: int | None, num_steps: int | str | Sequence[int] | None,
+                       fast: bool) -> tuple[int, int | str | Sequence[int] | None]:
+    """(MAR iterations, diffusion steps) to sample with: those given; for those not given (None), the fast
+    mode's when ``fast`` (half the model's ``model_num_iter`` iterations, at least one, and steps annealed
+    50 -> 5 over them), else the model's (``num_steps`` None: its configured respacing)."""
+    if num_iter is None:
+        num_iter = max(1, model_num_iter // 2) if fast else model_num_iter
+    if num_steps is None and fast:
+        num_steps = annealed_steps(*FAST_STEPS, num_iter)
+    return num_iter, num_steps
 
 
 def describe_steps(model: Harmon, num_steps) -> str:
@@ -97,10 +104,7 @@ class TextToImagePipeline:
         memory (:meth:`~harmon.models.harmon.Harmon.decode`); None decodes whole.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if num_iter is None:
-            num_iter = fast_num_iter(self.model.config.num_iter) if fast else self.model.config.num_iter
-        if num_steps is None and fast:
-            num_steps = annealed_steps(*FAST_STEPS, num_iter)
+        num_iter, num_steps = iteration_schedule(self.model.config.num_iter, num_iter, num_steps, fast)
         height = self.model.config.image_size if height is None else height
         width = height if width is None else width
         self._validate(prompts, num_images_per_prompt, guidance_scale, temperature, num_iter, num_steps)
