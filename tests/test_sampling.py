@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from harmon.checkpoint import load_model
-from harmon.rng import ReferenceRNG, SeededRNG
 from harmon.models.harmon import crop_cache, reserve_room
+from harmon.rng import ReferenceRNG, SeededRNG
 from harmon.sampling import cfg_at_step, generate_latents, next_mask_len
 
 EOS = 992  # the tiny fixture's <|im_end|> stand-in, used as right padding
