@@ -98,7 +98,7 @@ def test_recipe_at_toy_scale_runs_resumes_and_refuses_other_settings(tmp_path):
     from harmon.pipelines import ImageToTextPipeline, TextToImagePipeline
 
     cfg = RecipeConfig(n_images=12, vae=VAETrainConfig(steps=2, batch_size=4, log_every=1), steps=2,
-                       t2i_batch_size=4, i2t_batch_size=2, save_every=1, progress=False)
+                       t2i_batch_size=4, i2t_batch_size=2, save_every=1, compile=False, progress=False)
     model_dir = run_recipe(tmp_path / "run", cfg)
     record = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert set(record["seconds"]) == {"data", "tokenizer", "vae", "init", "harmon", "total"}

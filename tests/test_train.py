@@ -150,6 +150,33 @@ def test_resume_continues_with_the_same_losses(dataset, tmp_path):
     assert len(pipe("a red square", seeds=[0], height=64, num_iter=2, num_steps=2, progress=False).images) == 1
 
 
+def test_compiled_training_compiles_every_layer_and_gives_the_same_losses(dataset, tmp_path, monkeypatch):
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    from harmon.models.harmon import Harmon
+
+    compile_for_training, traced, compiled = Harmon.compile_for_training, [], []
+
+    def backend(graph, example_inputs):  # records the graph, then runs it as traced (no inductor: quick)
+        traced.append(graph)
+        return graph.forward
+
+    def recording(model, **options):
+        compile_for_training(model, backend=backend)
+        compiled.extend(m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None)
+
+    monkeypatch.setattr(Harmon, "compile_for_training", recording)
+    eager = train(config(dataset, tmp_path / "eager", max_steps=2))
+    fast = train(config(dataset, tmp_path / "compiled", max_steps=2, compile=True))  # with gradient checkpointing
+    assert traced
+    layers = [m for m in compiled if isinstance(m, Qwen2DecoderLayer)]
+    model = load_model(TINY_FIXTURE)
+    assert len(layers) == model.llm.config.num_hidden_layers
+    assert len(compiled) == len(layers) + len(model.mar.encoder_blocks) + len(model.mar.decoder_blocks) + 1
+    for a, b in zip(eager.history, fast.history):
+        assert a["t2i"] == pytest.approx(b["t2i"], rel=1e-5) and a["i2t"] == pytest.approx(b["i2t"], rel=1e-5)
+
+
 def test_lora_trains_and_merges(dataset, tmp_path):
     result = train(config(dataset, tmp_path / "lora", max_steps=2, lora={"r": 4},
                           freeze=["mar_encoder", "mar_decoder", "projections"], data={"jsonl": []}))

@@ -14,6 +14,7 @@ import copy
 import torch
 from torch import nn
 from transformers import DynamicCache, DynamicLayer, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
 from ..config import HarmonConfig
 from .mar import MAR
@@ -78,6 +79,17 @@ class Harmon(nn.Module):
         self.mar.diffloss.net.compile(**options)
         for block in (*self.mar.encoder_blocks, *self.mar.decoder_blocks):
             block.compile(**options)
+
+    def compile_for_training(self, **options) -> None:
+        """What :meth:`compile_for_sampling` compiles, plus every decoder layer of the LLM (training runs
+        it without a KV cache, so only the batch's lengths vary, which ``dynamic=True`` absorbs). Losses
+        equal the eager ones up to float rounding; the first steps pay the compilation. Call it after
+        LoRA is added, so that the adapted layers are the ones compiled.
+        """
+        self.compile_for_sampling(**options)
+        for module in self.llm.modules():
+            if isinstance(module, Qwen2DecoderLayer):
+                module.compile(**{"dynamic": True, **options})
 
     # -- VAE ------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,7 @@ class TrainConfig:
     freeze: list[str] = field(default_factory=list)  # any of PARTS; the VAE is always frozen
     precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, else float32
     gradient_checkpointing: bool = True
+    compile: bool = False  # torch.compile the transformer layers and the diffusion head (Harmon.compile_for_training)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     save_every: int = 500
     keep_checkpoints: int = 2

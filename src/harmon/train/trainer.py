@@ -92,7 +92,7 @@ def part_parameters(model: Harmon, part: str) -> list[nn.Parameter]:
 
 
 def prepare_model(model: Harmon, cfg: TrainConfig) -> Harmon:
-    """Freeze what the config says (the VAE always), add LoRA, switch on gradient checkpointing."""
+    """Freeze what the config says (the VAE always), add LoRA, switch on gradient checkpointing, compile."""
     model.requires_grad_(True)
     model.vae.requires_grad_(False)
     for part in cfg.freeze:
@@ -109,6 +109,8 @@ def prepare_model(model: Harmon, cfg: TrainConfig) -> Harmon:
         model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.mar.grad_checkpointing = True
         model.mar.diffloss.net.grad_checkpointing = True
+    if cfg.compile:
+        model.compile_for_training()
     return model
 
 
