@@ -253,6 +253,39 @@ def test_inpainting_evaluation(tiny, tmp_path):
     assert [i["seed"] for i in again["items"]] == [i["seed"] for i in res["items"]]
 
 
+def test_object_tokens_are_the_cells_an_object_mostly_covers():
+    from harmon.shapes.context import object_tokens
+
+    pixels = np.full((64, 64, 3), world.BACKGROUND, np.uint8)
+    pixels[16:32, 8:28] = world.PALETTE["red"]  # rows 2-3 of 8 px cells; columns 1-2 whole, column 3 half
+    cells = object_tokens(Image.fromarray(pixels), 8).reshape(8, 8)
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[2:4, 1:3] = True
+    assert torch.equal(cells, expected)
+
+
+def test_context_measure_changes_only_what_is_visible(tiny, tmp_path, monkeypatch):
+    from harmon.shapes.context import context_use
+
+    model, tokenizer = tiny
+    res = context_use(model, tokenizer, n_scenes=6, seed=3, out_dir=tmp_path, batch_size=4, echo=None)
+    assert sum(res["counts"].values()) == 6 * res["settings"]["scored_per_scene"]
+    assert res["counts"]["background"] > 0 and "visible" in res["table"]
+    assert len(set(res["background_loss"])) == 4  # the random decoder reads the visible tokens
+    saved = json.loads((tmp_path / "context.json").read_text())
+    assert saved["visible_fractions"] == [0.0, 0.3, 0.6, 0.9] and saved["background_loss"] == res["background_loss"]
+    again = context_use(model, tokenizer, n_scenes=6, seed=3, batch_size=6, echo=None)  # batching changes nothing
+    assert again["background_loss"] == pytest.approx(res["background_loss"], rel=1e-5)
+    # a decoder blind to its input gives equal columns: the scored tokens, timesteps and noise are held fixed
+    decoder, buffer = model.mar.forward_mae_decoder, model.buffer_size
+    monkeypatch.setattr(model.mar, "forward_mae_decoder",
+                        lambda x, mask, image_shape: decoder(0 * x[:, :buffer], torch.ones_like(mask), image_shape))
+    blind = context_use(model, tokenizer, n_scenes=6, seed=3, batch_size=4, echo=None)
+    assert len(set(blind["background_loss"])) == 1
+    with pytest.raises(ValueError, match="visible fractions"):
+        context_use(model, tokenizer, n_scenes=1, fractions=(0.0, 1.0), echo=None)
+
+
 def test_eval_cli(tiny, tmp_path, capsys):
     from harmon.shapes.cli import add_eval_parser
 
@@ -260,10 +293,12 @@ def test_eval_cli(tiny, tmp_path, capsys):
     add_eval_parser(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "cli"
     args = parser.parse_args(["eval", "shapes", "--model", str(TINY), "--n", "2", "--seed", "5", "--out", str(out),
-                              "--num-iter", "2", "--num-steps", "2", "--device", "cpu", "--no-understanding", "-q"])
+                              "--num-iter", "2", "--num-steps", "2", "--device", "cpu", "--no-understanding",
+                              "--context", "2", "-q"])
     assert args.func(args) == 0
     text = capsys.readouterr().out
-    assert "overall" in text and "results.json" in text
+    assert "overall" in text and "results.json" in text and "context use" in text
+    assert json.loads((out / "context.json").read_text())["settings"]["n_scenes"] == 2
     assert json.loads((out / "results.json").read_text())["settings"]["n_prompts"] == 2
     assert (out / "00001" / "samples" / "0000.png").is_file()
     bad = parser.parse_args(["eval", "shapes", "--model", str(TINY), "--n", "0", "--out", str(tmp_path / "x")])

@@ -55,6 +55,9 @@ def add_eval_parser(subparsers, formatter_class=argparse.HelpFormatter) -> argpa
     s.add_argument("--inpainting", type=int, default=0, metavar="N",
                    help="also complete N scenes with one object masked out, scored against text-only generation "
                    "(OUT/inpainting.json)")
+    s.add_argument("--context", type=int, default=0, metavar="N",
+                   help="also measure how much the MAR decoder uses already drawn tokens, on N fresh scenes "
+                   "(the loss of the same tokens with 0/30/60/90%% of the others visible; OUT/context.json)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_eval_shapes)
     return p
@@ -65,6 +68,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     from ..checkpoint import load_model, read_config
     from ..hub import load_tokenizer, pick_device, pick_dtype, resolve_model_folder
     from ..processing import check_image_size
+    from .context import context_use
     from .evaluate import evaluate_inpainting, evaluate_model
 
     if args.n < 1:
@@ -76,10 +80,12 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     for name in ("images_per_prompt", "num_iter", "batch_size", "max_new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.inpainting < 0:
-        raise ValueError(f"--inpainting must be >= 0, got {args.inpainting}")
-    if args.no_generation and args.no_understanding and not args.inpainting:
-        raise ValueError("nothing to do: --no-generation and --no-understanding given without --inpainting")
+    for name in ("inpainting", "context"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.no_generation and args.no_understanding and not (args.inpainting or args.context):
+        raise ValueError("nothing to do: --no-generation and --no-understanding given without --inpainting "
+                         "or --context")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out is not a folder: {out}")
@@ -107,6 +113,9 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
                             guidance_scale=args.cfg,
                             temperature=args.temperature, progress=not args.quiet)
         written.append(out / "inpainting.json")
+    if args.context:
+        context_use(model, tokenizer, n_scenes=args.context, seed=args.seed, out_dir=out)
+        written.append(out / "context.json")
     print("results: " + ", ".join(str(p) for p in written))
     return 0
 

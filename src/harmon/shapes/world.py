@@ -48,7 +48,7 @@ CLEAR_RELATION = 0.75
 QUESTION_YES, QUESTION_NO = 0.8, 0.3
 
 # named random streams, so training data, evaluation prompts and evaluation scenes never share draws
-STREAMS = {"train": 1, "eval_prompts": 2, "eval_scenes": 3, "eval_seeds": 4, "eval_inpaint": 5}
+STREAMS = {"train": 1, "eval_prompts": 2, "eval_scenes": 3, "eval_seeds": 4, "eval_inpaint": 5, "eval_context": 6}
 
 
 def make_rng(seed: int, stream: str | int = "train", index: int | None = None) -> np.random.Generator:
