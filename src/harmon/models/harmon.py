@@ -86,10 +86,11 @@ class Harmon(nn.Module):
         equal the eager ones up to float rounding; the first steps pay the compilation. Call it after
         LoRA is added, so that the adapted layers are the ones compiled.
         """
+        options = {"dynamic": True, **options}
         self.compile_for_sampling(**options)
         for module in self.llm.modules():
             if isinstance(module, Qwen2DecoderLayer):
-                module.compile(**{"dynamic": True, **options})
+                module.compile(**options)
 
     # -- VAE ------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> torch.Tensor:
