@@ -45,7 +45,7 @@ def context_use(model, tokenizer, n_scenes: int = 128, seed: int = DEFAULT_EVAL_
     Returns (and, with ``out_dir``, writes to ``context.json``) the mean loss of the scored object and
     background tokens for each visible fraction in ``fractions``, their counts, and a printable table.
     Each scene's token order, timesteps and noise are drawn from its own generator, so more scenes
-    extend a shorter run.
+    extend a shorter run. Puts ``model`` in eval mode (dropout off), as a measurement needs.
     """
     if n_scenes < 1:
         raise ValueError(f"n_scenes must be >= 1, got {n_scenes}")
