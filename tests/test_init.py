@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from harmon.checkpoint import load_state_dict
-from harmon.config import tiny
+from harmon.config import shapes, tiny
 from harmon.models.harmon import Harmon
-from harmon.models.init import init_weights
+from harmon.models.init import init_local_decoder_attention, init_weights
 
 
 def test_init_is_deterministic_and_local():
@@ -27,3 +27,46 @@ def test_fresh_model_runs_and_its_head_starts_at_zero():
     assert torch.equal(model.mar.diffloss.net(x, t, c), torch.zeros(5, 32))
     images = model.decode(torch.zeros(1, 4, 4, 16))
     assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
+
+
+def _decoder_attention(model: Harmon, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention weights (B, heads, N, N) of the first decoder block, buffer first."""
+    seen = []
+
+    def hook(module, args, out):
+        x = args[0]
+        b, n, c = x.shape
+        q, k, _ = module.qkv(x).reshape(b, n, 3, module.num_heads, -1).permute(2, 0, 3, 1, 4)
+        seen.append((q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1))
+
+    model.mar.decoder_blocks[0].attn.register_forward_hook(hook)
+    h = w = model.config.mar.seq_h
+    with torch.no_grad():
+        x = model.mar.forward_mae_encoder(tokens, mask, model.mar.fake_latent.expand(len(tokens), -1), (h, w))
+        model.mar.forward_mae_decoder(x, mask, (h, w))
+    return seen[0]
+
+
+def test_local_decoder_init_starts_every_head_on_the_neighbours():
+    generator = torch.Generator().manual_seed(0)
+    plain, local = Harmon(shapes()), Harmon(shapes())
+    init_weights(plain, torch.Generator().manual_seed(0))
+    init_weights(local, generator)
+    state = torch.random.get_rng_state()
+    init_local_decoder_attention(local.mar, generator)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert float(local.mar.decoder_embed.weight[:4].detach().abs().sum()) == 0.0  # the position channels hold no content
+    assert float(local.mar.mask_token[..., :4].detach().abs().sum()) == 0.0
+
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randn(8, 64, 8, generator=g)
+    mask = (torch.rand(8, 64, generator=g).argsort(dim=1) < 32).float()  # half of the 8 x 8 grid masked
+    k = local.buffer_size
+    rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()
+    neighbours = ((rows[:, None] - rows).abs() + (cols[:, None] - cols).abs()) == 1  # (64, 64)
+    for model, lowest, highest in ((plain, 0.0, 0.15), (local, 0.4, 1.0)):
+        grid = _decoder_attention(model, tokens, mask)[:, :, k:, k:]  # (B, heads, 64, 64)
+        on_neighbours = (grid * neighbours).sum(-1)  # (B, heads, 64)
+        share = on_neighbours.permute(0, 2, 1)[mask.bool()].mean(0)  # (heads,): masked queries only
+        assert bool((share > lowest).all()) and bool((share < highest).all()), share
