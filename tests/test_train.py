@@ -150,6 +150,38 @@ def test_resume_continues_with_the_same_losses(dataset, tmp_path):
     assert len(pipe("a red square", seeds=[0], height=64, num_iter=2, num_steps=2, progress=False).images) == 1
 
 
+def test_latent_readout_trains_resumes_exactly_and_stays_out_of_the_export(dataset, tmp_path):
+    full = train(config(dataset, tmp_path / "full", latent_readout=1.0))
+    assert all(h["t2i_readout"] > 0 for h in full.history)
+    first = train(config(dataset, tmp_path / "split", latent_readout=1.0), stop_after=3)
+    rest = train(config(dataset, tmp_path / "split", latent_readout=1.0))
+    for a, b in zip(full.history[2:], rest.history):
+        assert a["t2i_readout"] == pytest.approx(b["t2i_readout"], rel=1e-6)
+        assert a["t2i"] == pytest.approx(b["t2i"], rel=1e-6) and a["i2t"] == pytest.approx(b["i2t"], rel=1e-6)
+    assert first.steps == 3 and set(load_model(full.final_dir).state_dict()) == set(load_model(TINY_FIXTURE).state_dict())
+    with pytest.raises(ValueError, match="latent_readout on"):
+        train(config(dataset, tmp_path / "split", max_steps=6))  # a readout checkpoint resumed without it
+    with pytest.raises(ValueError, match="latent_readout must be >= 0"):
+        config(dataset, tmp_path, latent_readout=-1.0)
+
+
+def test_latent_readout_loss_is_the_masked_mean_squared_error():
+    from harmon.train.losses import TextToImageLoss, latent_readout_loss
+
+    latents = torch.randn(2, 6, 4)
+    mask = torch.tensor([[1.0, 0, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]])
+    z = torch.cat([latents, torch.randn(2, 6, 3)], dim=-1)  # (2, 6, 7): the first 4 channels hold the latents
+    readout = torch.nn.Linear(7, 4)
+    t2i = TextToImageLoss(torch.zeros(()), None, mask, latents, z, None, None, {})
+    with torch.no_grad():
+        readout.weight.copy_(torch.cat([torch.eye(4), torch.zeros(4, 3)], dim=1))
+        readout.bias.zero_()
+        assert float(latent_readout_loss(readout, t2i)) == pytest.approx(0.0, abs=1e-12)
+        readout.weight.zero_()
+        expected = (latents ** 2).mean(-1)[mask.bool()].mean()
+        assert float(latent_readout_loss(readout, t2i)) == pytest.approx(float(expected), rel=1e-6)
+
+
 def test_compiled_training_compiles_every_layer_and_gives_the_same_losses(dataset, tmp_path, monkeypatch):
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 

@@ -63,6 +63,7 @@ class TrainConfig:
     max_steps: int = 1000
     seed: int = 0
     t2i_weight: float = 1.0
+    latent_readout: float = 0.0  # weight of the auxiliary readout loss (losses.latent_readout_loss); 0: the original's losses only
     i2t_weight: float = 1.0
     freeze: list[str] = field(default_factory=list)  # any of PARTS; the VAE is always frozen
     precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, else float32
@@ -81,6 +82,8 @@ class TrainConfig:
             raise ValueError(f"freeze: unknown parts {unknown}; choose from {list(PARTS)}")
         if not (self.data.finetune or self.data.jsonl or self.data.llava):
             raise ValueError("data: give at least one of finetune, jsonl, llava")
+        if self.latent_readout < 0:
+            raise ValueError(f"latent_readout must be >= 0, got {self.latent_readout}")
         for name in ("max_steps", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

@@ -80,6 +80,18 @@ def text_to_image_loss(model: Harmon, pixel_values: torch.Tensor, input_ids: tor
     return TextToImageLoss(loss, orders, mask, latents.reshape(b, seq_len, c), z, t, noise, terms)
 
 
+def latent_readout_loss(readout: torch.nn.Linear, t2i: TextToImageLoss) -> torch.Tensor:
+    """Mean squared error of a linear readout of the decoder's conditions against the masked tokens' latents.
+
+    An auxiliary loss, not the original's: it rewards conditions z (B, L, D_dec) that hold the content
+    of the token they condition, which a masked token can only get from its visible neighbours. A small
+    MAR trained on the diffusion loss alone learns to shut the visible tokens out of its masked tokens'
+    attention instead (docs/shapes.md). The readout (D_dec -> C) belongs to the trainer and is not exported.
+    """
+    err = ((readout(t2i.z.float()) - t2i.latents.float()) ** 2).mean(dim=-1)  # (B, L)
+    return (err * t2i.mask).sum() / t2i.mask.sum()
+
+
 def image_to_text_loss(model: Harmon, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        labels: torch.Tensor, pixel_values: torch.Tensor | None, grad_scale: float = 0.1
                        ) -> torch.Tensor:

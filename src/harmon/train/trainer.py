@@ -2,7 +2,8 @@
 
 Each step takes ``t2i_batch_size`` caption examples and ``i2t_batch_size``
 conversation examples from deterministic per-epoch permutations, split evenly
-over the processes, and minimises ``t2i_weight * L_t2i + i2t_weight * L_i2t``.
+over the processes, and minimises ``t2i_weight * L_t2i + i2t_weight * L_i2t`` (plus
+``latent_readout * L_readout`` when that auxiliary loss is switched on).
 All randomness of a step is keyed by (seed, step, sample index), so a run on N
 processes computes the losses of a one-process run with the same global batch,
 and a resumed run continues with exactly the losses it would have had.
@@ -29,7 +30,7 @@ from ..models.harmon import Harmon
 from ..rng import TrainingRNG, derive_seed
 from .config import TrainConfig
 from .data import Batcher, CaptionExample, ConversationExample, read_finetune, read_jsonl, read_llava
-from .losses import image_to_text_token_losses, text_to_image_loss
+from .losses import image_to_text_token_losses, latent_readout_loss, text_to_image_loss
 
 CHECKPOINTS = "checkpoints"
 
@@ -114,10 +115,12 @@ def prepare_model(model: Harmon, cfg: TrainConfig) -> Harmon:
     return model
 
 
-def build_optimizer(model: Harmon, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on 1-D parameters, biases and the diffusion head (as the original)."""
+def build_optimizer(model: Harmon, cfg: TrainConfig, extra: nn.Module | None = None) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters and those of ``extra`` (the trainer's own modules);
+    no weight decay on 1-D parameters, biases and the diffusion head (as the original)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    named = list(model.named_parameters()) + (list(extra.named_parameters(prefix="extra")) if extra else [])
+    for name, p in named:
         if not p.requires_grad:
             continue
         if p.ndim < 2 or name.endswith(".bias") or name.startswith("mar.diffloss."):
@@ -141,11 +144,22 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 class HarmonForTraining(nn.Module):
-    """Both objectives behind one ``forward`` (so DistributedDataParallel sees the call)."""
+    """Both objectives behind one ``forward`` (so DistributedDataParallel sees the call).
 
-    def __init__(self, model: Harmon):
+    With ``latent_readout`` it also owns the linear readout of that auxiliary loss
+    (:func:`~harmon.train.losses.latent_readout_loss`), started at zero; it is trained and
+    checkpointed with the model but not exported.
+    """
+
+    def __init__(self, model: Harmon, latent_readout: bool = False):
         super().__init__()
         self.model = model
+        self.readout = None
+        if latent_readout:
+            mar = model.config.mar
+            self.readout = nn.Linear(mar.decoder_embed_dim, mar.vae_embed_dim, device=model.device)
+            nn.init.zeros_(self.readout.weight)
+            nn.init.zeros_(self.readout.bias)
 
     def forward(self, t2i: dict | None, i2t: dict | None, rng: TrainingRNG | None) -> dict[str, torch.Tensor]:
         if t2i is None and i2t is None:
@@ -154,8 +168,11 @@ class HarmonForTraining(nn.Module):
             return {"empty": sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0}
         out = {}
         if t2i is not None:
-            out["t2i"] = text_to_image_loss(self.model, t2i["pixel_values"], t2i["input_ids"],
-                                            t2i["attention_mask"], rng).loss
+            t2i_loss = text_to_image_loss(self.model, t2i["pixel_values"], t2i["input_ids"],
+                                          t2i["attention_mask"], rng)
+            out["t2i"] = t2i_loss.loss
+            if self.readout is not None:
+                out["t2i_readout"] = latent_readout_loss(self.readout, t2i_loss)
         if i2t is not None:
             losses, null = image_to_text_token_losses(self.model, i2t["input_ids"], i2t["attention_mask"],
                                                       i2t["labels"], i2t["pixel_values"])
@@ -188,7 +205,8 @@ def _trainable_state(model: Harmon) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if k in names}
 
 
-def save_checkpoint(out: Path, step: int, model: Harmon, optimizer, world: World, cfg: TrainConfig) -> None:
+def save_checkpoint(out: Path, step: int, module: HarmonForTraining, optimizer, world: World, cfg: TrainConfig
+                    ) -> None:
     """Write ``checkpoints/step_XXXXXXX`` atomically (temp folder, then rename) and point ``latest`` at it."""
     root = out / CHECKPOINTS
     final = root / f"step_{step:07d}"
@@ -199,8 +217,11 @@ def save_checkpoint(out: Path, step: int, model: Harmon, optimizer, world: World
     _barrier(world)
     torch.save(torch.get_rng_state(), tmp / f"rng_rank{world.rank}.pt")
     if world.main:
-        torch.save({"step": step, "model": _trainable_state(model), "optimizer": optimizer.state_dict(),
-                    "config": cfg.to_dict(), "world_size": world.size}, tmp / "state.pt")
+        state = {"step": step, "model": _trainable_state(module.model), "optimizer": optimizer.state_dict(),
+                 "config": cfg.to_dict(), "world_size": world.size}
+        if module.readout is not None:
+            state["readout"] = {k: v.detach().cpu() for k, v in module.readout.state_dict().items()}
+        torch.save(state, tmp / "state.pt")
     _barrier(world)
     if world.main:
         shutil.rmtree(final, ignore_errors=True)
@@ -211,7 +232,7 @@ def save_checkpoint(out: Path, step: int, model: Harmon, optimizer, world: World
     _barrier(world)
 
 
-def load_checkpoint(out: Path, model: Harmon, optimizer, world: World) -> int:
+def load_checkpoint(out: Path, module: HarmonForTraining, optimizer, world: World) -> int:
     """Restore the latest checkpoint; returns the step to continue from (0 when there is none)."""
     pointer = out / CHECKPOINTS / "latest"
     if not pointer.is_file():
@@ -220,10 +241,15 @@ def load_checkpoint(out: Path, model: Harmon, optimizer, world: World) -> int:
     state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     if state["world_size"] != world.size:
         raise ValueError(f"{folder} was written by {state['world_size']} processes; resume with the same number")
-    missing = set(_trainable_state(model)) - set(state["model"])
+    missing = set(_trainable_state(module.model)) - set(state["model"])
     if missing:
         raise ValueError(f"{folder} lacks trainable tensors {sorted(missing)[:5]}: was the freeze/LoRA setting changed?")
-    model.load_state_dict(state["model"], strict=False)
+    if (module.readout is None) != ("readout" not in state):
+        raise ValueError(f"{folder} was written with latent_readout {'off' if module.readout is not None else 'on'}; "
+                         "resume with the same setting")
+    module.model.load_state_dict(state["model"], strict=False)
+    if module.readout is not None:
+        module.readout.load_state_dict(state["readout"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(torch.load(folder / f"rng_rank{world.rank}.pt", weights_only=True))
     return int(state["step"])
@@ -277,12 +303,12 @@ def _train(cfg: TrainConfig, world: World, stop_after: int | None) -> TrainResul
     image_tokens = (cfg.data.image_size // model.config.mar.vae_stride) ** 2 + model.buffer_size
     batcher = Batcher(tokenizer, cfg.data.image_size, image_tokens, cfg.data.uncond_prob, cfg.seed,
                       cfg.data.max_length)
-    module = HarmonForTraining(model)
+    module = HarmonForTraining(model, latent_readout=cfg.latent_readout > 0)
     wrapped = module
     if world.size > 1:
         wrapped = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
-    optimizer = build_optimizer(model, cfg)
-    start = load_checkpoint(out, model, optimizer, world)
+    optimizer = build_optimizer(model, cfg, module.readout)
+    start = load_checkpoint(out, module, optimizer, world)
     use_bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and world.device.type == "cuda")
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -316,11 +342,13 @@ def _train(cfg: TrainConfig, world: World, stop_after: int | None) -> TrainResul
         total = losses.get("empty", torch.zeros((), device=world.device))
         if "t2i" in losses:
             total = total + cfg.t2i_weight * losses["t2i"]
+        if "t2i_readout" in losses:
+            total = total + cfg.latent_readout * losses["t2i_readout"]
         if "i2t_sum" in losses and i2t_tokens > 0:
             total = total + cfg.i2t_weight * (losses["i2t_sum"] * world.size / i2t_tokens + losses["i2t_null"])
         optimizer.zero_grad(set_to_none=True)
         total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad],
                                                    cfg.optim.grad_clip)
         optimizer.step()
         samples += (len(t2i["sample_ids"]) if t2i else 0) + (len(i2t["sample_ids"]) if i2t else 0)
@@ -340,7 +368,7 @@ def _train(cfg: TrainConfig, world: World, stop_after: int | None) -> TrainResul
         bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("t2i", "i2t", "lr", "samples_per_s")})
         bar.update(1)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-            save_checkpoint(out, step + 1, model, optimizer, world, cfg)
+            save_checkpoint(out, step + 1, module, optimizer, world, cfg)
         result.steps = step + 1
     bar.close()
     result.skipped_images = _gather_skipped(batcher.skipped, world)
@@ -359,8 +387,9 @@ def _train(cfg: TrainConfig, world: World, stop_after: int | None) -> TrainResul
 def _step_record(step: int, losses: dict, i2t_tokens: float, world: World, optimizer, grad_norm) -> dict[str, Any]:
     record: dict[str, Any] = {"step": step + 1, "lr": optimizer.param_groups[0]["lr"],
                               "grad_norm": float(grad_norm)}
-    if "t2i" in losses:
-        record["t2i"] = _all_reduce_sum(losses["t2i"].detach().float().cpu(), world).item() / world.size
+    for key in ("t2i", "t2i_readout"):
+        if key in losses:
+            record[key] = _all_reduce_sum(losses[key].detach().float().cpu(), world).item() / world.size
     if "i2t_sum" in losses and i2t_tokens > 0:
         record["i2t"] = _all_reduce_sum(losses["i2t_sum"].detach().float().cpu(), world).item() / i2t_tokens
     return record
