@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint import read_json, save_model
 from ..config import HarmonConfig, shapes
 from ..models.harmon import Harmon
-from ..models.init import init_vae, init_weights
+from ..models.init import init_local_decoder_attention, init_vae, init_weights
 from ..models.vae import AutoencoderKL
 from ..processing import GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt
 from ..rng import derive_seed
@@ -59,6 +59,8 @@ class RecipeConfig:
     lr: float = 1e-3
     warmup_ratio: float = 0.02
     precision: str = "bfloat16"
+    local_decoder: bool = False  # start the decoder's attention local (models.init.init_local_decoder_attention)
+    latent_readout: float = 0.0  # weight of the trainer's auxiliary readout loss (TrainConfig.latent_readout)
     compile: bool = True  # torch.compile for the Harmon stage: 1.39x on a 2-core CPU, same losses up to rounding
     save_every: int = 250
     progress: bool = True
@@ -117,7 +119,7 @@ def run_recipe(out_dir: str | Path, cfg: RecipeConfig) -> Path:
         "tokenizer": lambda: train_small_tokenizer(training_texts(data), int(config.llm["vocab_size"]))
         .save_pretrained(str(tok_dir)),
         "vae": lambda: _train_vae(config, data, vae_dir, cfg),
-        "init": lambda: _initial_model(config, tok_dir, vae_dir, init_dir, cfg.seed),
+        "init": lambda: _initial_model(config, tok_dir, vae_dir, init_dir, cfg.seed, cfg.local_decoder),
     }
     save_record()
     for name, run in stages.items():
@@ -130,7 +132,7 @@ def run_recipe(out_dir: str | Path, cfg: RecipeConfig) -> Path:
                         image_size=config.mar.img_size, t2i_batch_size=cfg.t2i_batch_size,
                         i2t_batch_size=cfg.i2t_batch_size),
         optim=OptimConfig(lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, min_lr_ratio=0.05),
-        max_steps=cfg.steps, seed=cfg.seed, precision=cfg.precision, gradient_checkpointing=False, compile=cfg.compile,
+        max_steps=cfg.steps, seed=cfg.seed, latent_readout=cfg.latent_readout, precision=cfg.precision, gradient_checkpointing=False, compile=cfg.compile,
         device="cpu", save_every=cfg.save_every, keep_checkpoints=1, log_every=25, progress=cfg.progress))
     times["harmon"] = round(times.get("harmon", 0.0) + time.perf_counter() - tick, 1)
     times["total"] = round(sum(v for k, v in times.items() if k != "total"), 1)
@@ -157,14 +159,18 @@ def _train_vae(config: HarmonConfig, data: Path, vae_dir: Path, cfg: RecipeConfi
     (vae_dir / "scale.json").write_text(json.dumps({"vae_scale": scale}) + "\n")
 
 
-def _initial_model(config: HarmonConfig, tok_dir: Path, vae_dir: Path, init_dir: Path, seed: int) -> None:
+def _initial_model(config: HarmonConfig, tok_dir: Path, vae_dir: Path, init_dir: Path, seed: int,
+                   local_decoder: bool) -> None:
     from transformers import AutoTokenizer
 
     scale = read_json(vae_dir / "scale.json")["vae_scale"]
     config = dataclasses.replace(config, vae_scale=float(scale))
     with torch.random.fork_rng(devices=[]):  # the constructors' default init must not touch the caller's RNG
         model = Harmon(config)
-    init_weights(model, torch.Generator().manual_seed(derive_seed(seed, INIT_STREAM)))
+    generator = torch.Generator().manual_seed(derive_seed(seed, INIT_STREAM))
+    init_weights(model, generator)
+    if local_decoder:
+        init_local_decoder_attention(model.mar, generator)
     model.vae.load_state_dict(load_file(str(vae_dir / "vae.safetensors")))
     save_model(model, init_dir)
     AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(init_dir))
