@@ -98,8 +98,13 @@ def test_recipe_at_toy_scale_runs_resumes_and_refuses_other_settings(tmp_path):
     from harmon.pipelines import ImageToTextPipeline, TextToImagePipeline
 
     cfg = RecipeConfig(n_images=12, vae=VAETrainConfig(steps=2, batch_size=4, log_every=1), steps=2,
-                       t2i_batch_size=4, i2t_batch_size=2, save_every=1, compile=False, progress=False)
+                       t2i_batch_size=4, i2t_batch_size=2, save_every=1, compile=False, progress=False,
+                       local_decoder=True, latent_readout=1.0)
     model_dir = run_recipe(tmp_path / "run", cfg)
+    init = load_model(tmp_path / "run" / "init")
+    assert float(init.mar.decoder_embed.weight[:4].detach().abs().sum()) == 0.0  # the local decoder start
+    log = [json.loads(line) for line in (tmp_path / "run" / "harmon" / "log.jsonl").read_text().splitlines()]
+    assert all(r["t2i_readout"] > 0 for r in log)
     record = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert set(record["seconds"]) == {"data", "tokenizer", "vae", "init", "harmon", "total"}
     vae_scale = json.loads((tmp_path / "run" / "vae" / "scale.json").read_text())["vae_scale"]
