@@ -17,7 +17,7 @@ from harmon.tokenizer import build_byte_tokenizer
 from harmon.train.config import TrainConfig
 from harmon.train.data import Batcher, read_finetune, read_jsonl, read_llava
 from harmon.train.losses import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from harmon.train.trainer import build_optimizer, lr_factor, part_parameters, prepare_model, train
+from harmon.train.trainer import build_optimizer, export_checkpoint, lr_factor, part_parameters, prepare_model, train
 
 TINY_FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "tiny"
 
@@ -143,6 +143,12 @@ def test_resume_continues_with_the_same_losses(dataset, tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert full.final_dir is not None
     exported = load_model(full.final_dir)
+    # the last checkpoint exported is the final model; a step without a checkpoint is named in the error
+    midway = load_model(export_checkpoint(tmp_path / "full", tmp_path / "step4"))
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), midway.state_dict().values()))
+    assert (tmp_path / "step4" / "tokenizer.json").is_file()
+    with pytest.raises(ValueError, match=r"no checkpoint step_0000003 .*step_0000004"):
+        export_checkpoint(tmp_path / "full", tmp_path / "step3", step=3)
     assert (full.final_dir / "tokenizer.json").is_file()
     from harmon.pipelines import TextToImagePipeline
     from harmon.hub import load_tokenizer

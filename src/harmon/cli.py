@@ -567,6 +567,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_checkpoint(args: argparse.Namespace) -> int:
+    """A model folder from a training run's checkpoint."""
+    from .train.trainer import export_checkpoint
+
+    folder = export_checkpoint(args.run, args.out, args.step)
+    print(f"wrote {folder}")
+    return 0
+
+
 def cmd_parity(args: argparse.Namespace) -> int:
     """Run every case of a reference fixture folder; exit 1 if any fails."""
     from .parity import run_parity
@@ -738,6 +747,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML (or JSON) training configuration; see README.md")
     p.add_argument("--max-steps", type=int, default=None, help="override max_steps of the config")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export-checkpoint", help="a model folder from a training run's checkpoint",
+                       description="Write a model folder (weights, config, tokenizer; LoRA merged) from a checkpoint "
+                                   "of a `harmon train` run, e.g. to evaluate the run midway.")
+    p.add_argument("run", help="the run's output_dir")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the latest)")
+    p.set_defaults(func=cmd_export_checkpoint)
 
     from .shapes.cli import add_eval_parser, add_train_shapes_parser
 

@@ -10,6 +10,7 @@ and a resumed run continues with exactly the losses it would have had.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_model, save_model
+from ..checkpoint import load_model, read_json, save_model
 from ..hub import load_tokenizer
 from ..models.harmon import Harmon
 from ..rng import TrainingRNG, derive_seed
@@ -419,3 +420,28 @@ def export(model: Harmon, tokenizer, folder: Path) -> Path:
     save_model(model, folder)
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+def export_checkpoint(run_dir: str | Path, folder: str | Path, step: int | None = None) -> Path:
+    """A model folder from a run's checkpoint (the latest, or that of ``step``): to evaluate a run midway.
+
+    The run's ``train_config.json`` names the model folder it started from (as the run saw the path);
+    that model, the checkpoint's trained tensors (LoRA merged, as at the end of a run) and its
+    tokenizer make the folder.
+    """
+    run = Path(run_dir)
+    cfg = TrainConfig.from_dict(read_json(run / "train_config.json"))
+    root = run / CHECKPOINTS
+    name = f"step_{step:07d}" if step is not None else (
+        (root / "latest").read_text().strip() if (root / "latest").is_file() else "latest")
+    if not (root / name / "state.pt").is_file():
+        found = sorted(p.name for p in root.glob("step_*")) if root.is_dir() else []
+        raise ValueError(f"no checkpoint {name} in {root}; it holds {found or 'none'}")
+    state = torch.load(root / name / "state.pt", map_location="cpu", weights_only=True)
+    model = prepare_model(load_model(cfg.model), dataclasses.replace(cfg, compile=False, gradient_checkpointing=False))
+    missing = set(_trainable_state(model)) - set(state["model"])
+    if missing:
+        raise ValueError(f"{root / name} lacks trainable tensors {sorted(missing)[:5]} of the run's configuration")
+    model.load_state_dict(state["model"], strict=False)
+    tokenizer = load_tokenizer(Path(cfg.model), int(model.config.llm["vocab_size"]))
+    return export(model, tokenizer, Path(folder))
