@@ -132,8 +132,9 @@ def run_recipe(out_dir: str | Path, cfg: RecipeConfig) -> Path:
                         image_size=config.mar.img_size, t2i_batch_size=cfg.t2i_batch_size,
                         i2t_batch_size=cfg.i2t_batch_size),
         optim=OptimConfig(lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, min_lr_ratio=0.05),
-        max_steps=cfg.steps, seed=cfg.seed, latent_readout=cfg.latent_readout, precision=cfg.precision, gradient_checkpointing=False, compile=cfg.compile,
-        device="cpu", save_every=cfg.save_every, keep_checkpoints=1, log_every=25, progress=cfg.progress))
+        max_steps=cfg.steps, seed=cfg.seed, latent_readout=cfg.latent_readout, precision=cfg.precision,
+        gradient_checkpointing=False, compile=cfg.compile, device="cpu", save_every=cfg.save_every,
+        keep_checkpoints=1, log_every=25, progress=cfg.progress))
     times["harmon"] = round(times.get("harmon", 0.0) + time.perf_counter() - tick, 1)
     times["total"] = round(sum(v for k, v in times.items() if k != "total"), 1)
     save_record()

@@ -63,8 +63,8 @@ class TrainConfig:
     max_steps: int = 1000
     seed: int = 0
     t2i_weight: float = 1.0
-    latent_readout: float = 0.0  # weight of the auxiliary readout loss (losses.latent_readout_loss); 0: the original's losses only
     i2t_weight: float = 1.0
+    latent_readout: float = 0.0  # weight of the auxiliary readout loss (losses.latent_readout_loss); 0: the original's only
     freeze: list[str] = field(default_factory=list)  # any of PARTS; the VAE is always frozen
     precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, else float32
     gradient_checkpointing: bool = True
