@@ -47,7 +47,7 @@ def _decoder_attention(model: Harmon, tokens: torch.Tensor, mask: torch.Tensor) 
     return seen[0]
 
 
-def test_local_decoder_init_starts_every_head_on_the_neighbours():
+def test_local_decoder_init_starts_half_the_heads_on_the_neighbours_and_half_on_the_buffer():
     generator = torch.Generator().manual_seed(0)
     plain, local = Harmon(shapes()), Harmon(shapes())
     init_weights(plain, torch.Generator().manual_seed(0))
@@ -65,8 +65,15 @@ def test_local_decoder_init_starts_every_head_on_the_neighbours():
     rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
     rows, cols = rows.flatten(), cols.flatten()
     neighbours = ((rows[:, None] - rows).abs() + (cols[:, None] - cols).abs()) == 1  # (64, 64)
-    for model, lowest, highest in ((plain, 0.0, 0.15), (local, 0.4, 1.0)):
-        grid = _decoder_attention(model, tokens, mask)[:, :, k:, k:]  # (B, heads, 64, 64)
-        on_neighbours = (grid * neighbours).sum(-1)  # (B, heads, 64)
-        share = on_neighbours.permute(0, 2, 1)[mask.bool()].mean(0)  # (heads,): masked queries only
-        assert bool((share > lowest).all()) and bool((share < highest).all()), share
+    shares = {}
+    for name, model in (("plain", plain), ("local", local)):
+        attention = _decoder_attention(model, tokens, mask)  # (B, heads, buffer + 64, buffer + 64)
+        masked_rows = attention[:, :, k:].permute(0, 2, 1, 3)[mask.bool()]  # (masked queries, heads, buffer + 64)
+        shares[name] = ((masked_rows[..., k:] * neighbours[mask.bool().nonzero()[:, 1]][:, None]).sum(-1).mean(0),
+                        masked_rows[..., :k].sum(-1).mean(0))  # (heads,) on the 4 neighbours, (heads,) on the buffer
+    heads = local.mar.decoder_blocks[0].attn.num_heads
+    on_neighbours, on_buffer = shares["local"]
+    assert bool((shares["plain"][0] < 0.15).all()), shares["plain"]
+    assert bool((on_neighbours[: heads // 2] > 0.4).all()) and bool((on_buffer[: heads // 2] < 1e-3).all()), shares
+    # the other heads read the buffer (the prompt's path) as much as a fresh MAR does
+    assert bool((on_neighbours[heads // 2:] < 0.15).all()) and bool((on_buffer[heads // 2:] > 0.5 * shares["plain"][1].min()).all()), shares

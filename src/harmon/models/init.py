@@ -89,18 +89,21 @@ def _init_linears(root: nn.Module, generator: torch.Generator) -> None:
 @torch.no_grad()
 def init_local_decoder_attention(mar: nn.Module, generator: torch.Generator, *, omega: float = math.pi / 8,
                                  amplitude: float = 4.0, qk_scale: float = 2.5) -> None:
-    """Start every head of MAR's decoder attending to the tokens near its own position.
+    """Start the first half of the heads of MAR's decoder attending to the tokens near their own position.
 
     Applied after :func:`init_mar`, for training from nothing. The first four channels of the decoder
     carry the position, (cos wx, sin wx, cos wy, sin wy) * ``amplitude`` over the (y, x) grid, and
     nothing else: ``decoder_embed`` writes no content there and the mask token (drawn N(0, 1), of a
     visible token's size, so that layer norm scales both alike) is zero there. The first four query
-    and key channels of every head read those four times ``qk_scale``, so that a head's logit between
+    and key channels of each local head read those four times ``qk_scale``, so that its logit between
     grid positions p and q starts as about 2 qk_scale^2 (cos w(x_p - x_q) + cos w(y_p - y_q)) plus the
     random content part: near tokens first. With the defaults, masked queries of an 8 x 8 grid put
-    about half of their attention on their four neighbours. Learned positions (with MAR's N(0, 0.02)
-    init, drowned by the content) leave the decoder to discover locality itself, which a small model
-    does not within a short run: see docs/shapes.md.
+    about half of a local head's attention on their four neighbours, and none on the buffer. The
+    other heads keep MAR's init and attend everywhere, buffer included: the buffer carries the
+    prompt, the only thing a masked token can learn from while nothing is visible (a decoder made
+    local in every head sampled blobs that ignored the prompt). Learned positions (with MAR's
+    N(0, 0.02) init, drowned by the content) leave the decoder to discover locality itself, which a
+    small model does not within a short run: see docs/shapes.md.
     """
     dim = mar.decoder_embed.out_features
     h, w = mar.seq_h, mar.seq_w
@@ -115,7 +118,7 @@ def init_local_decoder_attention(mar: nn.Module, generator: torch.Generator, *, 
     for block in mar.decoder_blocks:
         qkv = block.attn.qkv.weight  # (3 * dim, dim): query rows, then key rows, then value rows
         head_dim = dim // block.attn.num_heads
-        for head in range(block.attn.num_heads):
+        for head in range(block.attn.num_heads // 2):
             for part in (0, 1):  # query, key
                 first = part * dim + head * head_dim
                 qkv[first:first + 4] = 0.0
