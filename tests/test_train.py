@@ -149,6 +149,9 @@ def test_resume_continues_with_the_same_losses(dataset, tmp_path):
     assert (tmp_path / "step4" / "tokenizer.json").is_file()
     with pytest.raises(ValueError, match=r"no checkpoint step_0000003 .*step_0000004"):
         export_checkpoint(tmp_path / "full", tmp_path / "step3", step=3)
+    (tmp_path / "full" / "checkpoints" / "latest").unlink()
+    with pytest.raises(ValueError, match=r"no 'latest' pointer .*step_0000004.*pass a step"):
+        export_checkpoint(tmp_path / "full", tmp_path / "latest")
     assert (full.final_dir / "tokenizer.json").is_file()
     from harmon.pipelines import TextToImagePipeline
     from harmon.hub import load_tokenizer

@@ -242,18 +242,23 @@ def load_checkpoint(out: Path, module: HarmonForTraining, optimizer, world: Worl
     state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     if state["world_size"] != world.size:
         raise ValueError(f"{folder} was written by {state['world_size']} processes; resume with the same number")
-    missing = set(_trainable_state(module.model)) - set(state["model"])
-    if missing:
-        raise ValueError(f"{folder} lacks trainable tensors {sorted(missing)[:5]}: was the freeze/LoRA setting changed?")
     if (module.readout is None) != ("readout" not in state):
         raise ValueError(f"{folder} was written with latent_readout {'off' if module.readout is not None else 'on'}; "
                          "resume with the same setting")
-    module.model.load_state_dict(state["model"], strict=False)
+    _restore_trainable(module.model, state["model"], folder)
     if module.readout is not None:
         module.readout.load_state_dict(state["readout"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(torch.load(folder / f"rng_rank{world.rank}.pt", weights_only=True))
     return int(state["step"])
+
+
+def _restore_trainable(model: nn.Module, saved: dict[str, torch.Tensor], folder: Path) -> None:
+    """Load a checkpoint's trained tensors into ``model``, refusing one that lacks any of them."""
+    missing = set(_trainable_state(model)) - set(saved)
+    if missing:
+        raise ValueError(f"{folder} lacks trainable tensors {sorted(missing)[:5]}: was the freeze/LoRA setting changed?")
+    model.load_state_dict(saved, strict=False)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -432,16 +437,17 @@ def export_checkpoint(run_dir: str | Path, folder: str | Path, step: int | None 
     run = Path(run_dir)
     cfg = TrainConfig.from_dict(read_json(run / "train_config.json"))
     root = run / CHECKPOINTS
-    name = f"step_{step:07d}" if step is not None else (
-        (root / "latest").read_text().strip() if (root / "latest").is_file() else "latest")
-    if not (root / name / "state.pt").is_file():
+    pointer, name = root / "latest", None
+    if step is not None:
+        name = f"step_{step:07d}"
+    elif pointer.is_file():
+        name = pointer.read_text().strip()
+    if name is None or not (root / name / "state.pt").is_file():
         found = sorted(p.name for p in root.glob("step_*")) if root.is_dir() else []
-        raise ValueError(f"no checkpoint {name} in {root}; it holds {found or 'none'}")
+        wanted = f"checkpoint {name}" if name is not None else "'latest' pointer"
+        raise ValueError(f"no {wanted} in {root}; it holds {found or 'none'} (pass a step)")
     state = torch.load(root / name / "state.pt", map_location="cpu", weights_only=True)
     model = prepare_model(load_model(cfg.model), dataclasses.replace(cfg, compile=False, gradient_checkpointing=False))
-    missing = set(_trainable_state(model)) - set(state["model"])
-    if missing:
-        raise ValueError(f"{root / name} lacks trainable tensors {sorted(missing)[:5]} of the run's configuration")
-    model.load_state_dict(state["model"], strict=False)
+    _restore_trainable(model, state["model"], root / name)
     tokenizer = load_tokenizer(Path(cfg.model), int(model.config.llm["vocab_size"]))
     return export(model, tokenizer, Path(folder))
