@@ -272,16 +272,19 @@ def test_context_measure_changes_only_what_is_visible(tiny, tmp_path, monkeypatc
     assert sum(res["counts"].values()) == 6 * res["settings"]["scored_per_scene"]
     assert res["counts"]["background"] > 0 and "visible" in res["table"]
     assert len(set(res["background_loss"])) == 4  # the random decoder reads the visible tokens
+    assert res["background_other_prompt_loss"] != res["background_loss"][0]  # ... and its prompt
+    assert "other prompt" in res["table"]
     saved = json.loads((tmp_path / "context.json").read_text())
     assert saved["visible_fractions"] == [0.0, 0.3, 0.6, 0.9] and saved["background_loss"] == res["background_loss"]
     again = context_use(model, tokenizer, n_scenes=6, seed=3, batch_size=6, echo=None)  # batching changes nothing
     assert again["background_loss"] == pytest.approx(res["background_loss"], rel=1e-5)
+    assert again["object_other_prompt_loss"] == pytest.approx(res["object_other_prompt_loss"], rel=1e-5)
     # a decoder blind to its input gives equal columns: the scored tokens, timesteps and noise are held fixed
     decoder, buffer = model.mar.forward_mae_decoder, model.buffer_size
     monkeypatch.setattr(model.mar, "forward_mae_decoder",
                         lambda x, mask, image_shape: decoder(0 * x[:, :buffer], torch.ones_like(mask), image_shape))
     blind = context_use(model, tokenizer, n_scenes=6, seed=3, batch_size=4, echo=None)
-    assert len(set(blind["background_loss"])) == 1
+    assert len(set(blind["background_loss"] + [blind["background_other_prompt_loss"]])) == 1
     with pytest.raises(ValueError, match="visible fractions"):
         context_use(model, tokenizer, n_scenes=1, fractions=(0.0, 1.0), echo=None)
 

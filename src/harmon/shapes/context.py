@@ -7,8 +7,12 @@ with the diffusion training loss (mse + vb, with the same timesteps and noise in
 column) while 0%, 30%, 60% and 90% of the other tokens are visible. Only the amount of the
 image the model sees changes between the columns. A model that uses its context scores
 lower as more becomes visible; flat columns mean that every token is predicted from what
-the prompt alone says about its position. Scored tokens are split into object tokens
-(more than half of their pixels away from the background colour) and background tokens.
+the prompt alone says about its position. One more column scores the same tokens with
+nothing visible and the prompt of another scene (the next one of the stream) in place of
+their own: the prompt's use, as the other columns are the context's. A model that reads
+its prompt scores lower with its own (object tokens above all: their colour and shape are
+the prompt's words). Scored tokens are split into object tokens (more than half of their
+pixels away from the background colour) and background tokens.
 """
 from __future__ import annotations
 
@@ -43,7 +47,8 @@ def context_use(model, tokenizer, n_scenes: int = 128, seed: int = DEFAULT_EVAL_
     """The paired context measure on ``n_scenes`` fresh scenes (categories in turn, the ``eval_context`` stream).
 
     Returns (and, with ``out_dir``, writes to ``context.json``) the mean loss of the scored object and
-    background tokens for each visible fraction in ``fractions``, their counts, and a printable table.
+    background tokens for each visible fraction in ``fractions`` (``{kind}_loss``) and with nothing
+    visible under another scene's prompt (``{kind}_other_prompt_loss``), their counts, and a printable table.
     Each scene's token order, timesteps and noise are drawn from its own generator, so more scenes
     extend a shorter run. Puts ``model`` in eval mode (dropout off), as a measurement needs.
     """
@@ -54,16 +59,25 @@ def context_use(model, tokenizer, n_scenes: int = 128, seed: int = DEFAULT_EVAL_
     model.eval()
     stride, size = model.config.mar.vae_stride, model.config.image_size
     head = model.mar.diffloss
-    sums = {kind: [0.0] * len(fractions) for kind in KINDS}
+    sums = {kind: [0.0] * (len(fractions) + 1) for kind in KINDS}  # the last: nothing visible, another prompt
     counts = dict.fromkeys(KINDS, 0)
+
+    def scene(j: int) -> world.Scene:
+        return world.sample_scene(world.CATEGORIES[j % len(world.CATEGORIES)], world.make_rng(seed, "eval_context", j),
+                                  size)
+
+    def prompt_ids(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, text_mask = tokenize_prompts(tokenizer, [chat_prompt(GENERATION_PREFIX + p) for p in prompts],
+                                          tokenizer.eos_token_id)
+        return ids.to(model.device), text_mask.to(model.device)
+
     for start in range(0, n_scenes, batch_size):
         index = range(start, min(n_scenes, start + batch_size))
-        scenes = [world.sample_scene(world.CATEGORIES[j % len(world.CATEGORIES)],
-                                     world.make_rng(seed, "eval_context", j), size) for j in index]
-        images = [world.render(scene) for scene in scenes]
+        scenes = [scene(j) for j in index]
+        images = [world.render(s) for s in scenes]
         pixels = torch.cat([image_to_tensor(image, size) for image in images])  # (B, 3, S, S)
-        ids, text_mask = tokenize_prompts(tokenizer, [chat_prompt(GENERATION_PREFIX + s.prompt) for s in scenes],
-                                          tokenizer.eos_token_id)
+        own = prompt_ids([s.prompt for s in scenes])
+        other = prompt_ids([s.prompt for s in scenes[1:]] + [scene(index[-1] + 1).prompt])
         tokens = model.encode(pixels.to(device=model.device, dtype=model.dtype))  # (B, h, w, C)
         b, h, w, c = tokens.shape
         length, scored_count = h * w, max(1, h * w // 10)
@@ -78,12 +92,12 @@ def context_use(model, tokenizer, n_scenes: int = 128, seed: int = DEFAULT_EVAL_
         for kind in KINDS:
             counts[kind] += int(picks[kind].sum())
         target = tokens.reshape(b * length, c)
-        for i, fraction in enumerate(fractions):
+        columns = [(fraction, own) for fraction in fractions] + [(0.0, other)]
+        for i, (fraction, (ids, text_mask)) in enumerate(columns):
             visible = int(round(fraction * (length - scored_count)))
             mask = torch.ones(b, length, device=model.device)  # 1 = masked
             mask.scatter_(1, orders[:, length - visible:], 0.0)  # the last tokens of each order are visible
-            x_enc = model.forward_mae_encoder(tokens, mask, text_mask.to(model.device),
-                                              input_ids=ids.to(model.device), num_masked=length - visible)
+            x_enc = model.forward_mae_encoder(tokens, mask, text_mask, input_ids=ids, num_masked=length - visible)
             z = model.mar.forward_mae_decoder(x_enc, mask, image_shape=(h, w)).reshape(b * length, -1)
             terms = head.train_diffusion.training_losses(lambda x, t: head.net(x, t, z), target, timesteps, noise)
             loss = terms["loss"].float().reshape(b, length)
@@ -94,14 +108,15 @@ def context_use(model, tokenizer, n_scenes: int = 128, seed: int = DEFAULT_EVAL_
                      "scored_per_scene": scored_count, "tokens_per_scene": length},
         "visible_fractions": [float(f) for f in fractions],
         "counts": counts,
-        **{f"{kind}_loss": [s / max(1, counts[kind]) for s in sums[kind]] for kind in KINDS},
+        **{f"{kind}_loss": [s / max(1, counts[kind]) for s in sums[kind][:-1]] for kind in KINDS},
+        **{f"{kind}_other_prompt_loss": sums[kind][-1] / max(1, counts[kind]) for kind in KINDS},
     }
-    header = "".join(f"{f'{f:.0%} visible':>13}" for f in fractions)
+    header = "".join(f"{f'{f:.0%} visible':>13}" for f in fractions) + f"{'0%, other prompt':>18}"
     results["table"] = "\n".join(
         [f"context use: model {results['settings']['model']}, {n_scenes} scenes, loss of the same scored tokens",
          f"{'tokens':<22}{header}"]
         + [f"  {kind + f' ({counts[kind]})':<20}" + "".join(f"{v:>13.3f}" for v in results[f"{kind}_loss"])
-           for kind in KINDS])
+           + f"{results[f'{kind}_other_prompt_loss']:>18.3f}" for kind in KINDS])
     if echo is not None:
         echo(results["table"])
     if out_dir is not None:
