@@ -59,7 +59,7 @@ class RecipeConfig:
     lr: float = 1e-3
     warmup_ratio: float = 0.02
     precision: str = "bfloat16"
-    local_decoder: bool = False  # start the decoder's attention local (models.init.init_local_decoder_attention)
+    local_decoder: bool = False  # start half of the decoder's heads local (models.init.init_local_decoder_attention)
     latent_readout: float = 0.0  # weight of the trainer's auxiliary readout loss (TrainConfig.latent_readout)
     compile: bool = True  # torch.compile for the Harmon stage: 1.39x on a 2-core CPU, same losses up to rounding
     save_every: int = 250
