@@ -10,9 +10,8 @@ lower as more becomes visible; flat columns mean that every token is predicted f
 the prompt alone says about its position. One more column scores the same tokens with
 nothing visible and the prompt of another scene (the next one of the stream) in place of
 their own: the prompt's use, as the other columns are the context's. A model that reads
-its prompt scores lower with its own (object tokens above all: their colour and shape are
-the prompt's words). Scored tokens are split into object tokens (more than half of their
-pixels away from the background colour) and background tokens.
+its prompt scores lower with its own. Scored tokens are split into object tokens (more than
+half of their pixels away from the background colour) and background tokens.
 """
 from __future__ import annotations
 
