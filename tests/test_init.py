@@ -76,4 +76,5 @@ def test_local_decoder_init_starts_half_the_heads_on_the_neighbours_and_half_on_
     assert bool((shares["plain"][0] < 0.15).all()), shares["plain"]
     assert bool((on_neighbours[: heads // 2] > 0.4).all()) and bool((on_buffer[: heads // 2] < 1e-3).all()), shares
     # the other heads read the buffer (the prompt's path) as much as a fresh MAR does
-    assert bool((on_neighbours[heads // 2:] < 0.15).all()) and bool((on_buffer[heads // 2:] > 0.5 * shares["plain"][1].min()).all()), shares
+    assert bool((on_neighbours[heads // 2:] < 0.15).all()), shares
+    assert bool((on_buffer[heads // 2:] > 0.5 * shares["plain"][1].min()).all()), shares

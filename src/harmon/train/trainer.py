@@ -257,7 +257,8 @@ def _restore_trainable(model: nn.Module, saved: dict[str, torch.Tensor], folder:
     """Load a checkpoint's trained tensors into ``model``, refusing one that lacks any of them."""
     missing = set(_trainable_state(model)) - set(saved)
     if missing:
-        raise ValueError(f"{folder} lacks trainable tensors {sorted(missing)[:5]}: was the freeze/LoRA setting changed?")
+        raise ValueError(f"{folder} lacks trainable tensors {sorted(missing)[:5]}: "
+                         "was the freeze/LoRA setting changed?")
     model.load_state_dict(saved, strict=False)
 
 
