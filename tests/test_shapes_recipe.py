@@ -99,16 +99,17 @@ def test_recipe_at_toy_scale_runs_resumes_and_refuses_other_settings(tmp_path):
 
     cfg = RecipeConfig(n_images=12, vae=VAETrainConfig(steps=2, batch_size=4, log_every=1), steps=2,
                        t2i_batch_size=4, i2t_batch_size=2, save_every=1, compile=False, progress=False,
-                       local_decoder=True, latent_readout=1.0)
+                       local_decoder_after=1, latent_readout=1.0)
     model_dir = run_recipe(tmp_path / "run", cfg)
-    init = load_model(tmp_path / "run" / "init")
-    assert float(init.mar.decoder_embed.weight[:4].detach().abs().sum()) == 0.0  # the local decoder start
     log = [json.loads(line) for line in (tmp_path / "run" / "harmon" / "log.jsonl").read_text().splitlines()]
     assert all(r["t2i_readout"] > 0 for r in log)
     record = json.loads((tmp_path / "run" / "recipe.json").read_text())
-    assert set(record["seconds"]) == {"data", "tokenizer", "vae", "init", "harmon", "total"}
+    assert set(record["seconds"]) == {"data", "tokenizer", "vae", "init", "local", "harmon", "total"}
     vae_scale = json.loads((tmp_path / "run" / "vae" / "scale.json").read_text())["vae_scale"]
     model = load_model(model_dir)
+    # made local after step 1 (positions cos/sin * 4 * LOCAL_TOKEN_SCALE), then one more step of AdamW at lr <= 1e-3
+    first_cell = model.mar.decoder_pos_embed_learned[0, model.buffer_size, :4].detach()
+    torch.testing.assert_close(first_cell, torch.tensor([16.0, 0.0, 16.0, 0.0]), atol=0.01, rtol=0)
     assert model.config.name == "shapes" and model.config.vae_scale == pytest.approx(vae_scale)
     assert model.config.image_size == 64 and model.config.mar.vae_stride == 8
     tokenizer = load_tokenizer(model_dir, 512)
@@ -128,6 +129,8 @@ def test_recipe_at_toy_scale_runs_resumes_and_refuses_other_settings(tmp_path):
     assert json.loads((tmp_path / "run" / "recipe.json").read_text())["seconds"]["vae"] == record["seconds"]["vae"]
     with pytest.raises(ValueError, match="other settings"):
         run_recipe(tmp_path / "run", RecipeConfig(n_images=13, progress=False))
+    with pytest.raises(ValueError, match="local_decoder_after must be a multiple of save_every"):
+        RecipeConfig(local_decoder_after=100)
 
 
 def test_shapes_preset_is_consistent():

@@ -17,7 +17,8 @@ from harmon.tokenizer import build_byte_tokenizer
 from harmon.train.config import TrainConfig
 from harmon.train.data import Batcher, read_finetune, read_jsonl, read_llava
 from harmon.train.losses import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from harmon.train.trainer import build_optimizer, export_checkpoint, lr_factor, part_parameters, prepare_model, train
+from harmon.train.trainer import (build_optimizer, edit_checkpoint, export_checkpoint, latest_step, lr_factor,
+                                  part_parameters, prepare_model, train)
 
 TINY_FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "tiny"
 
@@ -157,6 +158,26 @@ def test_resume_continues_with_the_same_losses(dataset, tmp_path):
     from harmon.hub import load_tokenizer
     pipe = TextToImagePipeline(exported, load_tokenizer(full.final_dir, 1000))
     assert len(pipe("a red square", seeds=[0], height=64, num_iter=2, num_steps=2, progress=False).images) == 1
+
+
+def test_training_resumes_from_an_edited_checkpoint(dataset, tmp_path):
+    assert latest_step(tmp_path / "run") == 0
+    train(config(dataset, tmp_path / "run"), stop_after=2)
+    unedited = train(config(dataset, tmp_path / "unedited"))
+
+    def zero_mask_token(model):
+        with torch.no_grad():
+            model.mar.mask_token.zero_()
+
+    assert edit_checkpoint(tmp_path / "run", zero_mask_token) == 2 == latest_step(tmp_path / "run")
+    edited = load_model(export_checkpoint(tmp_path / "run", tmp_path / "edited"))
+    assert float(edited.mar.mask_token.detach().abs().sum()) == 0.0
+    rest = train(config(dataset, tmp_path / "run"))
+    assert [h["step"] for h in rest.history] == [3, 4]
+    assert rest.history[0]["t2i"] != pytest.approx(unedited.history[2]["t2i"], rel=1e-6)  # trained from the edit
+    (tmp_path / "unedited" / "checkpoints" / "latest").unlink()
+    with pytest.raises(ValueError, match="no 'latest' pointer"):
+        edit_checkpoint(tmp_path / "unedited", zero_mask_token)
 
 
 def test_latent_readout_trains_resumes_exactly_and_stays_out_of_the_export(dataset, tmp_path):

@@ -87,17 +87,19 @@ def _init_linears(root: nn.Module, generator: torch.Generator) -> None:
 
 
 @torch.no_grad()
-def init_local_decoder_attention(mar: nn.Module, generator: torch.Generator, *, omega: float = math.pi / 8,
-                                 amplitude: float = 4.0, qk_scale: float = 2.5) -> None:
-    """Start the first half of the heads of MAR's decoder attending to the tokens near their own position.
+def init_local_decoder_attention(mar: nn.Module, generator: torch.Generator, *, token_scale: float = 1.0,
+                                 omega: float = math.pi / 8, qk_scale: float = 2.5) -> None:
+    """Make the first half of the heads of MAR's decoder attend to the tokens near their own position.
 
-    Applied after :func:`init_mar`, for training from nothing. The first four channels of the decoder
-    carry the position, (cos wx, sin wx, cos wy, sin wy) * ``amplitude`` over the (y, x) grid, and
-    nothing else: ``decoder_embed`` writes no content there and the mask token (drawn N(0, 1), of a
-    visible token's size, so that layer norm scales both alike) is zero there. The first four query
-    and key channels of each local head read those four times ``qk_scale``, so that its logit between
-    grid positions p and q starts as about 2 qk_scale^2 (cos w(x_p - x_q) + cos w(y_p - y_q)) plus the
-    random content part: near tokens first. With the defaults, masked queries of an 8 x 8 grid put
+    Applied after :func:`init_mar`, or to a model in training (the recipe does it after a few hundred
+    steps). The first four channels of the decoder carry the position, (cos wx, sin wx, cos wy,
+    sin wy) * 4 ``token_scale`` over the (y, x) grid, and nothing else: ``decoder_embed`` writes no
+    content there and the mask token, redrawn N(0, ``token_scale``^2), is zero there. ``token_scale``
+    is the size of a visible token at the decoder's input relative to a fresh model's (norm ~16 for
+    width 256), so that layer norm scales masked and visible tokens, and their positions, alike. The
+    first four query and key channels of each local head read those four times ``qk_scale``, so that
+    its logit between grid positions p and q starts as about 2 qk_scale^2 (cos w(x_p - x_q) +
+    cos w(y_p - y_q)) plus the content part: near tokens first. With the defaults, masked queries of an 8 x 8 grid put
     about half of a local head's attention on their four neighbours, and none on the buffer. The
     other heads keep MAR's init and attend everywhere, buffer included: the buffer carries the
     prompt, the only thing a masked token can learn from while nothing is visible (a decoder made
@@ -110,10 +112,10 @@ def init_local_decoder_attention(mar: nn.Module, generator: torch.Generator, *, 
     y, x = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
     grid = torch.stack([torch.cos(omega * x), torch.sin(omega * x), torch.cos(omega * y), torch.sin(omega * y)], -1)
     mar.decoder_pos_embed_learned.zero_()
-    mar.decoder_pos_embed_learned[0, mar.buffer_size:, :4] = grid.reshape(h * w, 4) * amplitude  # (h*w, 4)
+    mar.decoder_pos_embed_learned[0, mar.buffer_size:, :4] = grid.reshape(h * w, 4) * 4.0 * token_scale  # (h*w, 4)
     mar.decoder_embed.weight[:4] = 0.0
     mar.decoder_embed.bias[:4] = 0.0
-    mar.mask_token.normal_(0.0, 1.0, generator=generator)
+    mar.mask_token.normal_(0.0, token_scale, generator=generator)
     mar.mask_token[..., :4] = 0.0
     for block in mar.decoder_blocks:
         qkv = block.attn.qkv.weight  # (3 * dim, dim): query rows, then key rows, then value rows

@@ -11,7 +11,9 @@ interrupted run continues where it stopped:
 4. ``init/``: the Harmon model (:func:`harmon.config.shapes`) with fresh weights from the
    seed, the trained VAE and the tokenizer;
 5. ``harmon/``: the project's trainer (:mod:`harmon.train.trainer`) on both objectives,
-   whose export ``harmon/final`` is the finished model, also copied to ``model/``.
+   whose export ``harmon/final`` is the finished model, also copied to ``model/``; with
+   ``local_decoder_after`` set, the run stops at that step, half of the MAR decoder's heads
+   are made local in its checkpoint (the ``local`` stage), and the run goes on from there.
 
 ``recipe.json`` records the settings and the seconds each stage took. Everything is
 drawn from ``seed``; the same seed on the same machine gives the same model.
@@ -39,11 +41,14 @@ from ..processing import GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt
 from ..rng import derive_seed
 from ..tokenizer import train_small_tokenizer
 from ..train.config import DataConfig, OptimConfig, TrainConfig
-from ..train.trainer import train
+from ..train.trainer import edit_checkpoint, latest_step, train
 from ..train.vae import VAETrainConfig, latent_scale, train_vae
 from .datasets import write_datasets
 
-VAE_STREAM, INIT_STREAM = 101, 102  # derive_seed tags of the recipe's own generators
+VAE_STREAM, INIT_STREAM, LOCAL_STREAM = 101, 102, 103  # derive_seed tags of the recipe's own generators
+# By step 500 the visible tokens enter the MAR decoder ~4x larger than in a fresh model (norm ~63
+# against ~16, measured), and the local positions are drawn at that size.
+LOCAL_TOKEN_SCALE = 4.0
 
 
 @dataclass
@@ -59,11 +64,19 @@ class RecipeConfig:
     lr: float = 1e-3
     warmup_ratio: float = 0.02
     precision: str = "bfloat16"
-    local_decoder: bool = False  # start half of the decoder's heads local (models.init.init_local_decoder_attention)
+    # make half of the MAR decoder's heads local after this many Harmon steps (a multiple of save_every;
+    # None: never); see models.init.init_local_decoder_attention
+    local_decoder_after: int | None = None
     latent_readout: float = 0.0  # weight of the trainer's auxiliary readout loss (TrainConfig.latent_readout)
     compile: bool = True  # torch.compile for the Harmon stage: 1.39x on a 2-core CPU, same losses up to rounding
     save_every: int = 250
     progress: bool = True
+
+    def __post_init__(self):
+        after = self.local_decoder_after
+        if after is not None and not (0 < after < self.steps and after % self.save_every == 0):
+            raise ValueError(f"local_decoder_after must be a multiple of save_every ({self.save_every}) "
+                             f"between 0 and steps ({self.steps}), got {after}")
 
     def to_dict(self) -> dict:
         """The settings that shape the model (all but ``progress``)."""
@@ -119,22 +132,33 @@ def run_recipe(out_dir: str | Path, cfg: RecipeConfig) -> Path:
         "tokenizer": lambda: train_small_tokenizer(training_texts(data), int(config.llm["vocab_size"]))
         .save_pretrained(str(tok_dir)),
         "vae": lambda: _train_vae(config, data, vae_dir, cfg),
-        "init": lambda: _initial_model(config, tok_dir, vae_dir, init_dir, cfg.seed, cfg.local_decoder),
+        "init": lambda: _initial_model(config, tok_dir, vae_dir, init_dir, cfg.seed),
     }
     save_record()
     for name, run in stages.items():
         _stage(out, name, times, run)
         save_record()
-    tick = time.perf_counter()
-    result = train(TrainConfig(
-        model=str(init_dir), output_dir=str(out / "harmon"),
+    harmon_dir = out / "harmon"
+    harmon_cfg = TrainConfig(
+        model=str(init_dir), output_dir=str(harmon_dir),
         data=DataConfig(jsonl=[str(data / "t2i.jsonl")], llava=[str(data / "llava.json")],
                         image_size=config.mar.img_size, t2i_batch_size=cfg.t2i_batch_size,
                         i2t_batch_size=cfg.i2t_batch_size),
         optim=OptimConfig(lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, min_lr_ratio=0.05),
         max_steps=cfg.steps, seed=cfg.seed, latent_readout=cfg.latent_readout, precision=cfg.precision,
         gradient_checkpointing=False, compile=cfg.compile, device="cpu", save_every=cfg.save_every,
-        keep_checkpoints=1, log_every=25, progress=cfg.progress))
+        keep_checkpoints=1, log_every=25, progress=cfg.progress)
+    tick = time.perf_counter()
+    if cfg.local_decoder_after is not None:
+        if latest_step(harmon_dir) < cfg.local_decoder_after:
+            train(harmon_cfg, stop_after=cfg.local_decoder_after - latest_step(harmon_dir))
+        times["harmon"] = round(times.get("harmon", 0.0) + time.perf_counter() - tick, 1)
+        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, LOCAL_STREAM))
+        _stage(out, "local", times, lambda: edit_checkpoint(harmon_dir, lambda model: init_local_decoder_attention(
+            model.mar, generator, token_scale=LOCAL_TOKEN_SCALE)))
+        save_record()
+        tick = time.perf_counter()
+    result = train(harmon_cfg)
     times["harmon"] = round(times.get("harmon", 0.0) + time.perf_counter() - tick, 1)
     times["total"] = round(sum(v for k, v in times.items() if k != "total"), 1)
     save_record()
@@ -160,8 +184,7 @@ def _train_vae(config: HarmonConfig, data: Path, vae_dir: Path, cfg: RecipeConfi
     (vae_dir / "scale.json").write_text(json.dumps({"vae_scale": scale}) + "\n")
 
 
-def _initial_model(config: HarmonConfig, tok_dir: Path, vae_dir: Path, init_dir: Path, seed: int,
-                   local_decoder: bool) -> None:
+def _initial_model(config: HarmonConfig, tok_dir: Path, vae_dir: Path, init_dir: Path, seed: int) -> None:
     from transformers import AutoTokenizer
 
     scale = read_json(vae_dir / "scale.json")["vae_scale"]
@@ -170,8 +193,6 @@ def _initial_model(config: HarmonConfig, tok_dir: Path, vae_dir: Path, init_dir:
         model = Harmon(config)
     generator = torch.Generator().manual_seed(derive_seed(seed, INIT_STREAM))
     init_weights(model, generator)
-    if local_decoder:
-        init_local_decoder_attention(model.mar, generator)
     model.vae.load_state_dict(load_file(str(vae_dir / "vae.safetensors")))
     save_model(model, init_dir)
     AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(init_dir))

@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -435,7 +435,35 @@ def export_checkpoint(run_dir: str | Path, folder: str | Path, step: int | None 
     that model, the checkpoint's trained tensors (LoRA merged, as at the end of a run) and its
     tokenizer make the folder.
     """
-    run = Path(run_dir)
+    checkpoint, cfg = _checkpoint_folder(Path(run_dir), step)
+    model, _ = _checkpoint_model(checkpoint, cfg)
+    tokenizer = load_tokenizer(Path(cfg.model), int(model.config.llm["vocab_size"]))
+    return export(model, tokenizer, Path(folder))
+
+
+def edit_checkpoint(run_dir: str | Path, edit: Callable[[Harmon], None]) -> int:
+    """Apply ``edit`` to the model of a run's latest checkpoint and write its trained tensors back.
+
+    Training resumed from it continues from the edited weights, with the optimizer's state and
+    the schedule as they were. Returns the checkpoint's step.
+    """
+    checkpoint, cfg = _checkpoint_folder(Path(run_dir), None)
+    model, state = _checkpoint_model(checkpoint, cfg)
+    edit(model)
+    state["model"] = _trainable_state(model)
+    torch.save(state, checkpoint / "state.pt.tmp")
+    os.replace(checkpoint / "state.pt.tmp", checkpoint / "state.pt")
+    return int(state["step"])
+
+
+def latest_step(run_dir: str | Path) -> int:
+    """The step of a run's latest checkpoint; 0 when it has none."""
+    pointer = Path(run_dir) / CHECKPOINTS / "latest"
+    return int(pointer.read_text().strip().removeprefix("step_")) if pointer.is_file() else 0
+
+
+def _checkpoint_folder(run: Path, step: int | None) -> tuple[Path, TrainConfig]:
+    """The folder of a run's checkpoint (the latest, or that of ``step``) and the run's config."""
     cfg = TrainConfig.from_dict(read_json(run / "train_config.json"))
     root = run / CHECKPOINTS
     pointer, name = root / "latest", None
@@ -447,8 +475,12 @@ def export_checkpoint(run_dir: str | Path, folder: str | Path, step: int | None 
         found = sorted(p.name for p in root.glob("step_*")) if root.is_dir() else []
         wanted = f"checkpoint {name}" if name is not None else "'latest' pointer"
         raise ValueError(f"no {wanted} in {root}; it holds {found or 'none'} (pass a step)")
-    state = torch.load(root / name / "state.pt", map_location="cpu", weights_only=True)
+    return root / name, cfg
+
+
+def _checkpoint_model(checkpoint: Path, cfg: TrainConfig) -> tuple[Harmon, dict[str, Any]]:
+    """The run's starting model with a checkpoint's trained tensors (prepared as for training), and its state."""
+    state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
     model = prepare_model(load_model(cfg.model), dataclasses.replace(cfg, compile=False, gradient_checkpointing=False))
-    _restore_trainable(model, state["model"], root / name)
-    tokenizer = load_tokenizer(Path(cfg.model), int(model.config.llm["vocab_size"]))
-    return export(model, tokenizer, Path(folder))
+    _restore_trainable(model, state["model"], checkpoint)
+    return model, state
