@@ -66,8 +66,8 @@ class RecipeConfig:
     precision: str = "bfloat16"
     # make half of the MAR decoder's heads local after this many Harmon steps (a multiple of save_every;
     # None: never); see models.init.init_local_decoder_attention
-    local_decoder_after: int | None = None
-    latent_readout: float = 0.0  # weight of the trainer's auxiliary readout loss (TrainConfig.latent_readout)
+    local_decoder_after: int | None = 500
+    latent_readout: float = 1.0  # weight of the trainer's auxiliary readout loss (TrainConfig.latent_readout)
     compile: bool = True  # torch.compile for the Harmon stage: 1.39x on a 2-core CPU, same losses up to rounding
     save_every: int = 250
     progress: bool = True
