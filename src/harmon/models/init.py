@@ -99,13 +99,13 @@ def init_local_decoder_attention(mar: nn.Module, generator: torch.Generator, *, 
     width 256), so that layer norm scales masked and visible tokens, and their positions, alike. The
     first four query and key channels of each local head read those four times ``qk_scale``, so that
     its logit between grid positions p and q starts as about 2 qk_scale^2 (cos w(x_p - x_q) +
-    cos w(y_p - y_q)) plus the content part: near tokens first. With the defaults, masked queries of an 8 x 8 grid put
-    about half of a local head's attention on their four neighbours, and none on the buffer. The
-    other heads keep MAR's init and attend everywhere, buffer included: the buffer carries the
-    prompt, the only thing a masked token can learn from while nothing is visible (a decoder made
-    local in every head sampled blobs that ignored the prompt). Learned positions (with MAR's
-    N(0, 0.02) init, drowned by the content) leave the decoder to discover locality itself, which a
-    small model does not within a short run: see docs/shapes.md.
+    cos w(y_p - y_q)) plus the content part: near tokens first. With the defaults, masked queries
+    of an 8 x 8 grid put about half of a local head's attention on their four neighbours, and none
+    on the buffer. The other heads keep their weights and attend everywhere, buffer included: the
+    buffer carries the prompt, the only thing a masked token can learn from while nothing is
+    visible (a decoder made local in every head sampled blobs that ignored the prompt). Learned
+    positions (with MAR's N(0, 0.02) init, drowned by the content) leave the decoder to discover
+    locality itself, which a small model does not within a short run: see docs/shapes.md.
     """
     dim = mar.decoder_embed.out_features
     h, w = mar.seq_h, mar.seq_w

@@ -150,8 +150,9 @@ def run_recipe(out_dir: str | Path, cfg: RecipeConfig) -> Path:
         keep_checkpoints=1, log_every=25, progress=cfg.progress)
     tick = time.perf_counter()
     if cfg.local_decoder_after is not None:
-        if latest_step(harmon_dir) < cfg.local_decoder_after:
-            train(harmon_cfg, stop_after=cfg.local_decoder_after - latest_step(harmon_dir))
+        done = latest_step(harmon_dir)
+        if done < cfg.local_decoder_after:
+            train(harmon_cfg, stop_after=cfg.local_decoder_after - done)
         times["harmon"] = round(times.get("harmon", 0.0) + time.perf_counter() - tick, 1)
         generator = torch.Generator().manual_seed(derive_seed(cfg.seed, LOCAL_STREAM))
         _stage(out, "local", times, lambda: edit_checkpoint(harmon_dir, lambda model: init_local_decoder_attention(
