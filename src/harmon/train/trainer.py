@@ -235,10 +235,10 @@ def save_checkpoint(out: Path, step: int, module: HarmonForTraining, optimizer, 
 
 def load_checkpoint(out: Path, module: HarmonForTraining, optimizer, world: World) -> int:
     """Restore the latest checkpoint; returns the step to continue from (0 when there is none)."""
-    pointer = out / CHECKPOINTS / "latest"
-    if not pointer.is_file():
+    name = _latest_name(out)
+    if name is None:
         return 0
-    folder = out / CHECKPOINTS / pointer.read_text().strip()
+    folder = out / CHECKPOINTS / name
     state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     if state["world_size"] != world.size:
         raise ValueError(f"{folder} was written by {state['world_size']} processes; resume with the same number")
@@ -458,19 +458,21 @@ def edit_checkpoint(run_dir: str | Path, edit: Callable[[Harmon], None]) -> int:
 
 def latest_step(run_dir: str | Path) -> int:
     """The step of a run's latest checkpoint; 0 when it has none."""
-    pointer = Path(run_dir) / CHECKPOINTS / "latest"
-    return int(pointer.read_text().strip().removeprefix("step_")) if pointer.is_file() else 0
+    name = _latest_name(Path(run_dir))
+    return int(name.removeprefix("step_")) if name is not None else 0
+
+
+def _latest_name(run: Path) -> str | None:
+    """The folder name (``step_XXXXXXX``) the run's ``latest`` pointer names; None without one."""
+    pointer = run / CHECKPOINTS / "latest"
+    return pointer.read_text().strip() if pointer.is_file() else None
 
 
 def _checkpoint_folder(run: Path, step: int | None) -> tuple[Path, TrainConfig]:
     """The folder of a run's checkpoint (the latest, or that of ``step``) and the run's config."""
     cfg = TrainConfig.from_dict(read_json(run / "train_config.json"))
     root = run / CHECKPOINTS
-    pointer, name = root / "latest", None
-    if step is not None:
-        name = f"step_{step:07d}"
-    elif pointer.is_file():
-        name = pointer.read_text().strip()
+    name = f"step_{step:07d}" if step is not None else _latest_name(run)
     if name is None or not (root / name / "state.pt").is_file():
         found = sorted(p.name for p in root.glob("step_*")) if root.is_dir() else []
         wanted = f"checkpoint {name}" if name is not None else "'latest' pointer"
