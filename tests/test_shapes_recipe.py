@@ -123,6 +123,9 @@ def test_recipe_at_toy_scale_runs_resumes_and_refuses_other_settings(tmp_path):
     from safetensors.torch import load_file
 
     weights = load_file(str(model_dir / "model.safetensors"))
+    exported = load_file(str(tmp_path / "run" / "harmon" / "final" / "model.safetensors"))  # float32, as trained
+    assert weights.keys() == exported.keys()
+    assert all(weights[k].dtype == torch.float16 and torch.equal(weights[k], exported[k].half()) for k in weights)
     assert run_recipe(tmp_path / "run", cfg) == model_dir
     again = load_file(str(model_dir / "model.safetensors"))
     assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)

@@ -11,9 +11,10 @@ interrupted run continues where it stopped:
 4. ``init/``: the Harmon model (:func:`harmon.config.shapes`) with fresh weights from the
    seed, the trained VAE and the tokenizer;
 5. ``harmon/``: the project's trainer (:mod:`harmon.train.trainer`) on both objectives,
-   whose export ``harmon/final`` is the finished model, also copied to ``model/``; with
-   ``local_decoder_after`` set, the run stops at that step, half of the MAR decoder's heads
-   are made local in its checkpoint (the ``local`` stage), and the run goes on from there.
+   whose export ``harmon/final`` is the finished model, copied to ``model/`` with its weights
+   stored in float16 (the shipped form); with ``local_decoder_after`` set, the run stops at
+   that step, half of the MAR decoder's heads are made local in its checkpoint (the ``local``
+   stage), and the run goes on from there.
 
 ``recipe.json`` records the settings and the seconds each stage took. Everything is
 drawn from ``seed``; the same seed on the same machine gives the same model.
@@ -32,7 +33,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import read_json, save_model
+from ..checkpoint import load_model, read_json, save_model
 from ..config import HarmonConfig, shapes
 from ..models.harmon import Harmon
 from ..models.init import init_local_decoder_attention, init_vae, init_weights
@@ -167,6 +168,8 @@ def run_recipe(out_dir: str | Path, cfg: RecipeConfig) -> Path:
     if result.final_dir is not None:
         shutil.rmtree(model_dir, ignore_errors=True)
         shutil.copytree(result.final_dir, model_dir)
+        # the shipped form: weights stored in float16, half the size, the same evaluation scores (docs/shapes.md)
+        save_model(load_model(result.final_dir, dtype=torch.float16), model_dir)
     return model_dir
 
 
