@@ -195,6 +195,28 @@ def test_latent_readout_trains_resumes_exactly_and_stays_out_of_the_export(datas
         config(dataset, tmp_path, latent_readout=-1.0)
 
 
+def test_batches_are_prepared_one_step_ahead_in_order():
+    from harmon.train.trainer import _prefetched
+
+    made = []
+
+    def make(step):
+        made.append(step)
+        if step == 7:
+            raise OSError("disk gone")
+        return {"step": step}
+
+    seen = []
+    for step, value in _prefetched(make, range(3, 6)):
+        assert value == {"step": step}
+        seen.append(step)
+    assert seen == [3, 4, 5] and sorted(made) == [3, 4, 5]  # nothing made beyond the range
+    assert list(_prefetched(make, range(4, 4))) == []
+    with pytest.raises(OSError, match="disk gone"):  # a failure reaches the loop at its step
+        for step, _ in _prefetched(make, range(6, 9)):
+            assert step == 6
+
+
 def test_latent_readout_loss_is_the_masked_mean_squared_error():
     from harmon.train.losses import TextToImageLoss, latent_readout_loss
 

@@ -16,9 +16,10 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -328,10 +329,8 @@ def _train(cfg: TrainConfig, world: World, stop_after: int | None) -> TrainResul
     end = cfg.max_steps if stop_after is None else min(cfg.max_steps, start + stop_after)
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not (cfg.progress and world.main), desc="training")
     perm_cache: dict = {}
-    tick, samples = time.perf_counter(), 0
-    for step in range(start, end):
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.optim.lr * lr_factor(step, cfg)
+
+    def step_batches(step: int) -> tuple[dict | None, dict | None]:
         t2i = i2t = None
         if captions:
             pos = batch_positions(step, cfg.data.t2i_batch_size, world)
@@ -341,6 +340,12 @@ def _train(cfg: TrainConfig, world: World, stop_after: int | None) -> TrainResul
             pos = batch_positions(step, cfg.data.i2t_batch_size, world)
             idx = [example_index(p, len(conversations), cfg.seed, 1, perm_cache) for p in pos]
             i2t = batcher.image_to_text([conversations[i] for i in idx], pos)
+        return t2i, i2t
+
+    tick, samples = time.perf_counter(), 0
+    for step, (t2i, i2t) in _prefetched(step_batches, range(start, end)):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.optim.lr * lr_factor(step, cfg)
         rng = TrainingRNG(cfg.seed, step, t2i["sample_ids"]) if t2i is not None else None
         with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             losses = wrapped(t2i, i2t, rng)
@@ -389,6 +394,21 @@ def _train(cfg: TrainConfig, world: World, stop_after: int | None) -> TrainResul
             writer.close()
     _barrier(world)
     return result
+
+
+def _prefetched(make: Callable[[int], Any], steps: range) -> Iterator[tuple[int, Any]]:
+    """Yield ``(step, make(step))`` for each step, computing the next step's value in a thread meanwhile.
+
+    The trainer's batches (image decoding, tokenising) depend on the step alone, so preparing
+    them one step ahead changes nothing but the time the loop waits for them.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="harmon-batches") as pool:
+        upcoming = pool.submit(make, steps[0]) if steps else None
+        for step in steps:
+            value = upcoming.result()
+            if step + 1 < steps.stop:
+                upcoming = pool.submit(make, step + 1)
+            yield step, value
 
 
 def _step_record(step: int, losses: dict, i2t_tokens: float, world: World, optimizer, grad_norm) -> dict[str, Any]:
