@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -198,10 +199,12 @@ def test_latent_readout_trains_resumes_exactly_and_stays_out_of_the_export(datas
 def test_batches_are_prepared_one_step_ahead_in_order():
     from harmon.train.trainer import _prefetched
 
-    made = []
+    made, fourth_started = [], threading.Event()
 
     def make(step):
         made.append(step)
+        if step == 4:
+            fourth_started.set()
         if step == 7:
             raise OSError("disk gone")
         return {"step": step}
@@ -209,6 +212,8 @@ def test_batches_are_prepared_one_step_ahead_in_order():
     seen = []
     for step, value in _prefetched(make, range(3, 6)):
         assert value == {"step": step}
+        if step == 3:  # step 4's batch is made while step 3's work goes on (a serial loop would wait here in vain)
+            assert fourth_started.wait(timeout=30)
         seen.append(step)
     assert seen == [3, 4, 5] and sorted(made) == [3, 4, 5]  # nothing made beyond the range
     assert list(_prefetched(make, range(4, 4))) == []
