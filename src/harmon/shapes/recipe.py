@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import load_model, read_json, save_model
+from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model, read_json, save_model
 from ..config import HarmonConfig, shapes
 from ..models.harmon import Harmon
 from ..models.init import init_local_decoder_attention, init_vae, init_weights
@@ -167,8 +167,9 @@ def run_recipe(out_dir: str | Path, cfg: RecipeConfig) -> Path:
     model_dir = out / "model"
     if result.final_dir is not None:
         shutil.rmtree(model_dir, ignore_errors=True)
-        shutil.copytree(result.final_dir, model_dir)
-        # the shipped form: weights stored in float16, half the size, the same evaluation scores (docs/shapes.md)
+        # the tokenizer as exported; the weights in the shipped form: float16, half the size, the same
+        # evaluation scores (docs/shapes.md)
+        shutil.copytree(result.final_dir, model_dir, ignore=shutil.ignore_patterns(WEIGHTS_NAME, CONFIG_NAME))
         save_model(load_model(result.final_dir, dtype=torch.float16), model_dir)
     return model_dir
 
