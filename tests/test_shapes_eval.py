@@ -182,6 +182,13 @@ def test_summaries_are_geneval_style():
     assert summary["overall"] == pytest.approx((2 / 3 + 1.0) / 2)  # mean of categories, not of images
     und = ev.summarize_answers(["color", "color", "count"], [True, False, True])
     assert und["per_type"] == {"color": 0.5, "count": 1.0} and und["overall"] == 0.75
+    by_kind = ev.summarize_by_scene_kind(["alike_objects", "one_object", "alike_objects"], ["count", "color", "count"],
+                                         [True, False, False])
+    assert list(by_kind) == ["one_object", "alike_objects"]  # in world.SCENE_KINDS order, kinds present only
+    assert by_kind["alike_objects"]["per_type"] == {"count": 0.5} and by_kind["one_object"]["overall"] == 0.0
+    red, blue = world.Obj("circle", "red", 10, 10, 8), world.Obj("circle", "blue", 30, 10, 8)
+    assert [world.scene_kind(objs) for objs in ([red], [red, red], [red, blue], [red, dataclasses.replace(
+        red, shape="square")])] == ["one_object", "alike_objects", "different_objects", "different_objects"]
     assert ev.answer_correct(" Red. ", "red") and ev.answer_correct("A red  circle", "a red circle.")
     assert not ev.answer_correct("red circle", "a red circle")
 
@@ -214,6 +221,10 @@ def test_evaluate_model_end_to_end(tiny, tmp_path):
     assert list(saved["generation"]["per_category"]) == list(world.CATEGORIES[:4])
     assert saved["understanding"]["counts"]["describe"] == 2
     assert all(0.0 <= v <= 1.0 for v in saved["understanding"]["per_type"].values())
+    kinds = [item["scene_kind"] for item in saved["understanding"]["items"]]
+    assert set(saved["understanding"]["by_scene_kind"]) == set(kinds) and "by scene" in table
+    for kind, summary in saved["understanding"]["by_scene_kind"].items():
+        assert sum(summary["counts"].values()) == kinds.count(kind)
     prompts = world.make_prompts(4, 123)
     for i, p in enumerate(prompts):
         folder = out / f"{i:05d}"

@@ -246,6 +246,14 @@ def summarize_answers(types: Iterable[str], correct: Iterable[bool]) -> dict[str
     return {"per_type": scores, "counts": counts, "overall": overall}
 
 
+def summarize_by_scene_kind(kinds: Sequence[str], types: Sequence[str], correct: Sequence[bool]
+                            ) -> dict[str, dict[str, Any]]:
+    """:func:`summarize_answers` of the answers about each kind of scene (:data:`world.SCENE_KINDS`)."""
+    present = [k for k in world.SCENE_KINDS if k in kinds]
+    return {kind: summarize_answers([t for t, k in zip(types, kinds) if k == kind],
+                                    [ok for ok, k in zip(correct, kinds) if k == kind]) for kind in present}
+
+
 # -- evaluating a model ------------------------------------------------------------------------------------
 DEFAULT_EVAL_SEED = 20_250_001  # evaluation streams differ from the training stream whatever the seed
 
@@ -273,6 +281,11 @@ def format_table(results: dict[str, Any]) -> str:
     if und is not None:
         lines += _table_section("understanding (exact match)", "acc", und["per_type"], und["counts"],
                                 und["overall"], "overall (mean of types)")
+        types = list(und["per_type"])
+        lines.append(f"{'  by scene':<23}" + "".join(f"{t:>9}" for t in types))
+        for kind, summary in und["by_scene_kind"].items():
+            cells = [f"{summary['per_type'][t]:>9.3f}" if t in summary["per_type"] else f"{'-':>9}" for t in types]
+            lines.append(f"  {kind:<21}" + "".join(cells))
     return "\n".join(lines)
 
 
@@ -303,7 +316,9 @@ def evaluate_model(model, tokenizer, n_prompts: int = 200, seed: int = DEFAULT_E
     seeds drawn from the ``eval_seeds`` stream, scored by :func:`analyze` + :func:`check`.
     Understanding: ``n_scenes`` (default ``n_prompts``) freshly rendered scenes from the
     ``eval_scenes`` stream, one question of each applicable type per scene, greedy answers of
-    :class:`~harmon.pipelines.ImageToTextPipeline` compared after :func:`world.normalize_answer`.
+    :class:`~harmon.pipelines.ImageToTextPipeline` compared after :func:`world.normalize_answer`,
+    also split by the kind of scene asked about (``by_scene_kind``: one object, different objects,
+    several alike; :func:`world.scene_kind`).
 
     ``num_iter`` / ``num_steps`` default to the model's; ``fast`` selects the pipeline's fast mode for
     whichever of them is not given. Prints the table with ``echo`` (None: silent). With ``out_dir``: writes ``results.json``
@@ -369,11 +384,12 @@ def evaluate_model(model, tokenizer, n_prompts: int = 200, seed: int = DEFAULT_E
     if understanding:
         n_scenes = n_prompts if n_scenes is None else n_scenes
         describe_pipe = ImageToTextPipeline(model, tokenizer, image_size=image_size)
-        items, types, oks = [], [], []
+        items, types, oks, kinds = [], [], [], []
         for j in range(n_scenes):
             rng = world.make_rng(seed, "eval_scenes", j)
             scene = world.sample_scene(world.CATEGORIES[j % len(world.CATEGORIES)], rng, image_size)
             image = world.render(scene)
+            kind = world.scene_kind(scene.objects)
             embeds = describe_pipe.image_embeds(image)  # encoded once, shared by the scene's questions
             by_type: dict[str, list[dict[str, Any]]] = {}
             for q in world.questions(scene.objects, rng):
@@ -384,11 +400,13 @@ def evaluate_model(model, tokenizer, n_prompts: int = 200, seed: int = DEFAULT_E
                 q = by_type[qtype][int(rng.integers(len(by_type[qtype])))]
                 predicted = _answer(describe_pipe, embeds, q["question"], max_new_tokens)
                 ok = answer_correct(predicted, q["answer"])
-                items.append({"scene": j, "type": qtype, "question": q["question"], "expected": q["answer"],
-                              "predicted": predicted, "correct": ok})
+                items.append({"scene": j, "scene_kind": kind, "type": qtype, "question": q["question"],
+                              "expected": q["answer"], "predicted": predicted, "correct": ok})
                 types.append(qtype)
                 oks.append(ok)
+                kinds.append(kind)
         und = summarize_answers(types, oks)
+        und["by_scene_kind"] = summarize_by_scene_kind(kinds, types, oks)
         und["items"] = items
         results["understanding"] = und
 

@@ -38,6 +38,8 @@ OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "bel
 NUMBER_WORDS = {0: "zero", 1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven",
                 8: "eight", 9: "nine", 10: "ten"}
 QUESTION_TYPES = ("describe", "color", "count", "position", "shape")
+# what a scene holds, for splitting the understanding scores (see scene_kind)
+SCENE_KINDS = ("one_object", "different_objects", "alike_objects")
 DESCRIBE_QUESTION = "Describe the image."
 
 # GenEval's rule for relative positions: centres compared after removing this fraction of both boxes' sizes
@@ -222,6 +224,15 @@ def describe(objects: Sequence) -> str:
         return f"{one(a.color, a.shape)} and {one(b.color, b.shape)}"
     parts = [many(len(objs), c, s) for c, s, objs in groups]
     return ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def scene_kind(objects: Sequence) -> str:
+    """Which of :data:`SCENE_KINDS` a set of objects is: one object, objects of different colour or
+    shape, or several objects alike (of one colour and shape)."""
+    objects = list(objects)
+    if len(objects) == 1:
+        return "one_object"
+    return "alike_objects" if len({(o.color, o.shape) for o in objects}) == 1 else "different_objects"
 
 
 def question_color(shape: str) -> str:
