@@ -189,6 +189,8 @@ def test_summaries_are_geneval_style():
     red, blue = world.Obj("circle", "red", 10, 10, 8), world.Obj("circle", "blue", 30, 10, 8)
     assert [world.scene_kind(objs) for objs in ([red], [red, red], [red, blue], [red, dataclasses.replace(
         red, shape="square")])] == ["one_object", "alike_objects", "different_objects", "different_objects"]
+    with pytest.raises(ValueError, match="without objects"):
+        world.scene_kind([])
     assert ev.answer_correct(" Red. ", "red") and ev.answer_correct("A red  circle", "a red circle.")
     assert not ev.answer_correct("red circle", "a red circle")
 

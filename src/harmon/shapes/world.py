@@ -230,6 +230,8 @@ def scene_kind(objects: Sequence) -> str:
     """Which of :data:`SCENE_KINDS` a set of objects is: one object, objects of different colour or
     shape, or several objects alike (of one colour and shape)."""
     objects = list(objects)
+    if not objects:
+        raise ValueError("a scene without objects has no kind")
     if len(objects) == 1:
         return "one_object"
     return "alike_objects" if len({(o.color, o.shape) for o in objects}) == 1 else "different_objects"
