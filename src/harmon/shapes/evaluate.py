@@ -384,7 +384,7 @@ def evaluate_model(model, tokenizer, n_prompts: int = 200, seed: int = DEFAULT_E
     if understanding:
         n_scenes = n_prompts if n_scenes is None else n_scenes
         describe_pipe = ImageToTextPipeline(model, tokenizer, image_size=image_size)
-        items, types, oks, kinds = [], [], [], []
+        items = []
         for j in range(n_scenes):
             rng = world.make_rng(seed, "eval_scenes", j)
             scene = world.sample_scene(world.CATEGORIES[j % len(world.CATEGORIES)], rng, image_size)
@@ -402,11 +402,9 @@ def evaluate_model(model, tokenizer, n_prompts: int = 200, seed: int = DEFAULT_E
                 ok = answer_correct(predicted, q["answer"])
                 items.append({"scene": j, "scene_kind": kind, "type": qtype, "question": q["question"],
                               "expected": q["answer"], "predicted": predicted, "correct": ok})
-                types.append(qtype)
-                oks.append(ok)
-                kinds.append(kind)
+        types, oks = [i["type"] for i in items], [i["correct"] for i in items]
         und = summarize_answers(types, oks)
-        und["by_scene_kind"] = summarize_by_scene_kind(kinds, types, oks)
+        und["by_scene_kind"] = summarize_by_scene_kind([i["scene_kind"] for i in items], types, oks)
         und["items"] = items
         results["understanding"] = und
 
