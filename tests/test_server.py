@@ -388,6 +388,19 @@ def test_serve_refuses_a_missing_model_and_bad_options(tmp_path):
     assert main(["serve", "--port", "0"]) == 2  # checked before the (default) model is loaded
 
 
+def test_cli_serve_compile_compiles_the_served_model(model_dir, monkeypatch):
+    import harmon.server
+    from harmon.cli import main
+
+    served = []
+    monkeypatch.setattr(harmon.server, "serve", lambda engine, settings, **kw: served.append(engine.model))
+    assert main(["serve", "--model", str(model_dir), "--compile"]) == 0
+    blocks = (*served[0].mar.encoder_blocks, *served[0].mar.decoder_blocks, served[0].mar.diffloss.net)
+    assert all(block._compiled_call_impl is not None for block in blocks)
+    assert main(["serve", "--model", str(model_dir)]) == 0
+    assert all(block._compiled_call_impl is None for block in served[1].mar.decoder_blocks)
+
+
 def test_cli_serve_runs_and_stops(model_dir):
     port = _free_port()
     process = subprocess.Popen([sys.executable, "-m", "harmon.cli", "serve", "--model", str(model_dir),

@@ -400,6 +400,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               image_size=args.image_size, max_new_tokens=args.max_new_tokens,
                               max_upload_bytes=args.max_upload_mb * 1024 * 1024)
     model, tokenizer = _load(args, folder)
+    if args.compile:
+        model.compile_for_sampling()
     engine = Engine(model, tokenizer, folder, image_size=args.image_size)
     print(f"harmon: serving {model.config.name} on http://{args.host}:{args.port}/ "
           f"(API key {'required' if api_key else 'not required'})", file=sys.stderr, flush=True)
@@ -714,6 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="understanding: side images are resized to (default: the model's)")
     p.add_argument("--max-new-tokens", type=int, default=1024, metavar="N", help="most tokens an answer may have")
     p.add_argument("--max-upload-mb", type=int, default=10, metavar="MB", help="largest uploaded image")
+    _add_compile_option(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log level")
     p.set_defaults(func=cmd_serve)
