@@ -60,6 +60,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from .files import file_mode
+
 PathLike = str | os.PathLike
 RUN_FILE = "run.json"
 RUN_FORMAT = 1
@@ -238,23 +240,10 @@ def blocks_for_rank(items: Sequence[Item], batch_size: int, shard: Shard) -> lis
 
 
 # -- atomic files -----------------------------------------------------------------------------------
-_FILE_MODE: int | None = None
-
-
-def _file_mode() -> int:
-    """0o666 less the umask: what ``open()`` would give (mkstemp's 0o600 would hide outputs from other users)."""
-    global _FILE_MODE
-    if _FILE_MODE is None:
-        mask = os.umask(0o022)
-        os.umask(mask)
-        _FILE_MODE = 0o666 & ~mask
-    return _FILE_MODE
-
-
 def _temp_for(path: Path) -> tuple[int, str]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, _file_mode())
+        os.fchmod(fd, file_mode())
     except OSError:
         pass
     return fd, tmp
@@ -590,14 +579,12 @@ def _generate(todo, records, folder, summary: BatchSummary, emit, settings, shar
     from tqdm.auto import tqdm
 
     from . import __version__
-    from .checkpoint import load_model
-    from .hub import load_tokenizer
+    from .hub import load_pretrained
     from .pipelines import TextToImagePipeline
 
-    model = load_model(folder, device=device, dtype=dtype)
+    model, tokenizer = load_pretrained(folder, device=device, dtype=dtype)
     if compile:
         model.compile_for_sampling()
-    tokenizer = load_tokenizer(folder, int(model.config.llm["vocab_size"]))
     pipe = TextToImagePipeline(model, tokenizer)
     model_path = str(Path(folder).resolve())
     bar = tqdm(total=sum(len(p) for _, p in todo), desc=f"rank {shard.rank} images", unit="img",
