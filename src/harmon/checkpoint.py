@@ -6,8 +6,9 @@ Supported inputs:
   ``kl16.ckpt`` (``{"model": vae_state_dict}``), with the LLM config from a
   preset inferred from the weights' shapes or from a Qwen2.5 folder;
 * our folder: ``config.json`` (``model_type: "harmon"``) + ``model.safetensors``
-  (also the layout expected of Hugging Face style folders; ``*.pth`` /
-  ``*.bin`` weights there are read with ``weights_only=True``);
+  (``*.pth`` / ``*.bin`` weights there are read with ``weights_only=True``);
+* the official Hugging Face release (:mod:`harmon.release`): ``config.json`` with
+  ``llm`` and ``mar.type`` + ``model.safetensors``; its ``.py`` files are never imported;
 * a reference fixture folder: ``config.json`` (original kwargs) + ``weights.safetensors``.
 
 The model is built on the meta device and every tensor is loaded straight into
@@ -26,7 +27,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import PRESETS, HarmonConfig, VAEConfig
+from .files import write_atomically
 from .models.harmon import Harmon, qwen2_config
+from .release import ReleaseConfigError, config_from_release, is_release_config, release_config
 
 PathLike = str | os.PathLike
 TIED_KEY, EMBED_KEY = "llm.lm_head.weight", "llm.model.embed_tokens.weight"
@@ -77,7 +80,8 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
             self._file = safe_open(str(self.path), framework="pt")
             self._keys = list(self._file.keys())
         except Exception as err:  # SafetensorError for truncated or corrupt files
-            raise CheckpointError(f"cannot read {self.path} as safetensors: {err}") from err
+            raise CheckpointError(f"cannot read {self.path} as safetensors: {err}{_truncation_hint(self.path)}") \
+                from err
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._keys:
@@ -96,6 +100,24 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
     def shape(self, key: str) -> tuple[int, ...]:
         """The tensor's shape, from the file header (nothing is read)."""
         return tuple(self._file.get_slice(key).get_shape())
+
+
+def _truncation_hint(path: Path) -> str:
+    """'; it is N bytes but its header describes M ...' for a file cut short (a broken download), else ''."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            length = int.from_bytes(fh.read(8), "little")
+            if not 0 < length <= min(size - 8, 100_000_000):
+                return ""
+            header = json.loads(fh.read(length))
+        end = 8 + length + max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    if end <= size:
+        return ""
+    return (f"; the file is {size:,} bytes but its header describes {end:,}: it was cut short "
+            "(an interrupted download or copy?); download or copy it again")
 
 
 # -- building and strict loading ----------------------------------------------------------------
@@ -228,16 +250,35 @@ def load_original(harmon_pth: PathLike, vae_ckpt: PathLike, *, config: HarmonCon
 
 
 # -- folders --------------------------------------------------------------------------------------
+LAYOUTS = {
+    "ours": "ours (config.json + model.safetensors)",
+    "release": "Hugging Face release (config.json with llm + mar.type, model.safetensors; its .py files not used)",
+    "reference": "reference fixture (original kwargs config.json + weights.safetensors)",
+}
+
+
+def config_layout(data: dict[str, Any]) -> str:
+    """Which of :data:`LAYOUTS` a model folder's ``config.json`` belongs to."""
+    if "mar_kwargs" in data:
+        return "reference"
+    return "release" if is_release_config(data) else "ours"
+
+
 def read_config(folder: PathLike) -> HarmonConfig:
-    """The :class:`HarmonConfig` of a model folder or of a reference fixture folder."""
+    """The :class:`HarmonConfig` of a model folder in any of :data:`LAYOUTS`."""
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {CONFIG_NAME}")
     data = read_json(path)
+    layout = config_layout(data)
     try:
-        if "mar_kwargs" in data:
+        if layout == "reference":
             return config_from_reference(data)
+        if layout == "release":
+            return config_from_release(data)
         return HarmonConfig.from_dict(data)
+    except ReleaseConfigError as err:
+        raise CheckpointError(f"{path} (Hugging Face release layout): {err}") from err
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{path}: {err}") from err
 
@@ -272,9 +313,34 @@ def folder_weights_path(folder: Path) -> Path:
     raise CheckpointError(f"{folder} has no weights: expected {WEIGHTS_NAME} (found {[p.name for p in folder.iterdir()]})")
 
 
+_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I64": "int64",
+              "I32": "int32", "U8": "uint8", "BOOL": "bool"}
+
+
+def weight_headers(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Shapes and dtypes of the tensors in a weights file, without reading the tensors."""
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                slices = {k: f.get_slice(k) for k in f.keys()}
+                return ({k: tuple(s.get_shape()) for k, s in slices.items()},
+                        {k: _ST_DTYPES.get(s.get_dtype(), s.get_dtype()) for k, s in slices.items()})
+        except Exception as err:
+            raise CheckpointError(f"cannot read {path} as safetensors: {err}{_truncation_hint(path)}") from err
+    tensors = read_torch_file(path)  # memory-mapped zip checkpoints: shapes without reading the data
+    return ({k: tuple(v.shape) for k, v in tensors.items()},
+            {k: str(v.dtype).split(".")[-1] for k, v in tensors.items()})
+
+
+def stored_dtype(path: Path) -> torch.dtype:
+    """The dtype a weights file stores its floating tensors in (float32 when they are mixed)."""
+    floating = {d for d in weight_headers(path)[1].values() if d in ("float32", "bfloat16", "float16", "float64")}
+    return getattr(torch, floating.pop()) if len(floating) == 1 else torch.float32
+
+
 def load_model(folder: PathLike, *, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> Harmon:
-    """Load a model folder (ours, Hugging Face style, or a reference fixture)."""
+    """Load a model folder in any of :data:`LAYOUTS`, casting the weights to ``dtype`` as they are read."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"model folder not found: {folder}")
@@ -284,22 +350,60 @@ def load_model(folder: PathLike, *, device: str | torch.device = "cpu",
     return load_state_dict(config, weights, device=device, dtype=dtype)
 
 
-def save_model(model: Harmon, folder: PathLike) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` (the tied ``lm_head`` is stored once, as the embedding)."""
+def _cpu_state(model: Harmon, dtype: torch.dtype | None, *, tied_head: bool) -> dict[str, torch.Tensor]:
+    """The model's tensors on the CPU, floating ones in ``dtype`` (None: as they are); a tied LM head left out
+    unless ``tied_head``."""
+    skip = {TIED_KEY} if model.config.llm.get("tie_word_embeddings", False) and not tied_head else set()
+    return {k: v.detach().to("cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+            .contiguous() for k, v in model.state_dict().items() if k not in skip}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n"))
+
+
+def _write_safetensors(path: Path, state: dict[str, torch.Tensor]) -> None:
+    write_atomically(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "model_type": "harmon"}))
+
+
+def save_model(model: Harmon, folder: PathLike, *, dtype: torch.dtype | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (the tied ``lm_head`` is stored once, as the embedding),
+    floating tensors in ``dtype`` (None: as the model holds them)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.config.llm.get("tie_word_embeddings", False):
-        state.pop(TIED_KEY, None)
-    tmp = folder / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "model_type": "harmon"})
-    os.replace(tmp, folder / WEIGHTS_NAME)
-    (folder / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=1) + "\n")
+    state = _cpu_state(model, dtype, tied_head=False)
+    _write_safetensors(folder / WEIGHTS_NAME, state)
+    _write_json(folder / CONFIG_NAME, model.config.to_dict())
     return folder
 
 
-def save_original(model: Harmon, harmon_pth: PathLike, vae_ckpt: PathLike) -> None:
-    """Write the released layout: ``harmon_*.pth`` without VAE keys and ``kl16.ckpt`` as ``{"model": vae}``."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({k: v for k, v in state.items() if not k.startswith("vae.")}, harmon_pth)
-    torch.save({"model": {k[len("vae."):]: v for k, v in state.items() if k.startswith("vae.")}}, vae_ckpt)
+def save_release(model: Harmon, folder: PathLike, *, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write the official Hugging Face release's layout: its ``config.json`` and one ``model.safetensors``
+    (VAE included, ``llm.lm_head.weight`` stored beside the embedding, as the release does).
+
+    Raises :class:`CheckpointError` when the release's model code could not build this model.
+    """
+    try:
+        config = release_config(model.config, str(dtype).removeprefix("torch."))
+    except ReleaseConfigError as err:
+        raise CheckpointError(str(err)) from err
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = _cpu_state(model, dtype, tied_head=True)
+    if TIED_KEY in state and state[TIED_KEY].data_ptr() == state.get(EMBED_KEY, state[TIED_KEY]).data_ptr():
+        state[TIED_KEY] = state[TIED_KEY].clone()  # safetensors stores no shared tensors
+    _write_safetensors(folder / WEIGHTS_NAME, state)
+    _write_json(folder / CONFIG_NAME, config)
+    return folder
+
+
+def save_original(model: Harmon, harmon_pth: PathLike, vae_ckpt: PathLike, *,
+                  dtype: torch.dtype | None = None) -> None:
+    """Write the released ``.pth`` layout: ``harmon_*.pth`` without VAE keys and ``kl16.ckpt`` as
+    ``{"model": vae}`` (plain tensors, readable with ``weights_only=True``)."""
+    state = _cpu_state(model, dtype, tied_head=True)
+    vae_prefix = "vae."
+    write_atomically(Path(harmon_pth), lambda tmp: torch.save(
+        {k: v for k, v in state.items() if not k.startswith(vae_prefix)}, tmp))
+    write_atomically(Path(vae_ckpt), lambda tmp: torch.save(
+        {"model": {k[len(vae_prefix):]: v for k, v in state.items() if k.startswith(vae_prefix)}}, tmp))
