@@ -33,13 +33,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from harmon.checkpoint import load_model
-    from harmon.hub import default_model_folder, load_tokenizer
     from harmon.pipelines import TextToImagePipeline
 
-    folder = default_model_folder()
-    model = load_model(folder, dtype=torch.float32)
-    pipe = TextToImagePipeline(model, load_tokenizer(folder, int(model.config.llm["vocab_size"])))
+    pipe = TextToImagePipeline.from_pretrained(None, dtype=torch.float32)
 
     def batch(fast: bool, first_seed: int) -> tuple[float, torch.Tensor]:
         start = time.perf_counter()

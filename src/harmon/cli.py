@@ -36,19 +36,16 @@ def _model_folder(args: argparse.Namespace) -> Path:
 
 def _load(args: argparse.Namespace, folder: Path):
     """(model, tokenizer) of a model folder on the chosen device and dtype."""
-    from .checkpoint import load_model
-    from .hub import load_tokenizer, pick_device, pick_dtype
+    from .hub import load_pretrained
 
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    model = load_model(folder, device=device, dtype=dtype)
-    return model, load_tokenizer(folder, int(model.config.llm["vocab_size"]))
+    return load_pretrained(folder, device=args.device, dtype=args.dtype)
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", metavar="DIR", help="model folder (from `harmon convert`), or a Hugging Face repo id "
-                   "already in the local cache (default: the shapes-world model shipped with harmon)")
+    g.add_argument("--model", metavar="DIR", help="model folder (ours, the Hugging Face release's, or from `harmon "
+                   "convert`), or a Hugging Face repo id such as wusize/Harmon-1_5B (the local cache first, else "
+                   "downloaded) (default: the shapes-world model shipped with harmon)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where to run (default: auto = cuda, else mps, else cpu)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -411,32 +408,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # -- info -------------------------------------------------------------------------------------------
 PARTS = ("vae", "llm", "mar", "proj_in", "proj_out")
-_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I64": "int64",
-              "I32": "int32", "U8": "uint8", "BOOL": "bool"}
-
-
-def _weight_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """Shapes and dtypes of the tensors in a weights file, without reading the tensors."""
-    from .checkpoint import CheckpointError, read_torch_file
-
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                slices = {k: f.get_slice(k) for k in f.keys()}
-                return ({k: tuple(s.get_shape()) for k, s in slices.items()},
-                        {k: _ST_DTYPES.get(s.get_dtype(), s.get_dtype()) for k, s in slices.items()})
-        except Exception as err:
-            raise CheckpointError(f"cannot read {path} as safetensors: {err}") from err
-    tensors = read_torch_file(path)  # memory-mapped zip checkpoints: shapes without reading the data
-    return ({k: tuple(v.shape) for k, v in tensors.items()},
-            {k: str(v.dtype).split(".")[-1] for k, v in tensors.items()})
 
 
 def folder_info(folder: Path) -> dict:
     """What a model folder holds, from config.json and the weights' headers (no model is built)."""
-    from .checkpoint import EMBED_KEY, TIED_KEY, folder_weights_path, read_json, read_config
+    from .checkpoint import (EMBED_KEY, LAYOUTS, TIED_KEY, config_layout, folder_weights_path, read_config, read_json,
+                             weight_headers)
     from .hub import TOKENIZER_FILES, has_tokenizer
 
     if not folder.is_dir():
@@ -446,13 +423,8 @@ def folder_info(folder: Path) -> dict:
     raw = read_json(folder / "config.json")
     config = read_config(folder)
     weights = folder_weights_path(folder)
-    if "mar_kwargs" in raw:
-        layout = "reference fixture (original kwargs config.json + weights.safetensors)"
-    elif weights.name == "model.safetensors" and raw.get("model_type") == "harmon":
-        layout = "ours (config.json + model.safetensors)"
-    else:
-        layout = f"Hugging Face style (config.json + {weights.name})"
-    shapes, dtypes = _weight_shapes(weights)
+    layout = LAYOUTS[config_layout(raw)]
+    shapes, dtypes = weight_headers(weights)
     tied = bool(config.llm.get("tie_word_embeddings", False))
     counts = {part: 0 for part in PARTS}
     other = 0
@@ -521,21 +493,28 @@ def _convert_config(spec: str | None):
         raise CheckpointError(f"cannot read {path} as a Harmon config: {err}") from err
 
 
+def _output_folder(path: str, force: bool) -> Path:
+    """``--out``: a folder that does not exist, is empty, or may be overwritten (``--force``)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out exists and is not a folder: {out}")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"--out folder {out} is not empty (use --force to overwrite)")
+    return out
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     """Released harmon_*.pth + kl16.ckpt -> a self-contained model folder (config, weights, tokenizer)."""
     from .checkpoint import load_original, save_model
     from .hub import DTYPES, default_tokenizer
+    from .tokenizer import save_tokenizer
 
     for flag, value in (("--pth", args.pth), ("--vae", args.vae)):
         if not Path(value).is_file():
             raise UserError(f"{flag} file not found: {value}")
     if args.qwen is not None and not Path(args.qwen).is_dir():
         raise UserError(f"--qwen folder not found: {args.qwen}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out exists and is not a folder: {out}")
-    if out.is_dir() and any(out.iterdir()) and not args.force:
-        raise UserError(f"--out folder {out} is not empty (use --force to overwrite)")
+    out = _output_folder(args.out, args.force)
     config = _convert_config(args.config)
     model = load_original(args.pth, args.vae, config=config, qwen_dir=args.qwen, dtype=DTYPES[args.dtype])
     if args.qwen is not None:
@@ -548,9 +527,38 @@ def cmd_convert(args: argparse.Namespace) -> int:
     else:
         tokenizer = default_tokenizer(int(model.config.llm["vocab_size"]))
     save_model(model, out)
-    tokenizer.save_pretrained(os.fspath(out))
+    save_tokenizer(tokenizer, out)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {out} ({model.config.name}, {n:,} parameters, {args.dtype}, with tokenizer)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a model (any layout, or a hub id) in our layout, the Hugging Face release's, or the .pth layout."""
+    from .checkpoint import folder_weights_path, read_config, save_model, save_original, save_release, stored_dtype
+    from .hub import DTYPES, load_pretrained, resolve_model_folder
+    from .release import release_config
+    from .tokenizer import save_tokenizer
+
+    folder = resolve_model_folder(args.model)
+    if args.layout == "release":
+        release_config(read_config(folder), "float32")  # before the load: a model the release cannot hold
+    out = _output_folder(args.out, args.force)
+    dtype = DTYPES[args.dtype] if args.dtype != "keep" else stored_dtype(folder_weights_path(folder))
+    model, tokenizer = load_pretrained(folder, dtype=dtype)  # cast while read: never a float32 copy of 16-bit
+    if args.layout == "original":
+        out.mkdir(parents=True, exist_ok=True)
+        stem = model.config.name.replace("-", "_") if model.config.name.startswith("harmon") else "harmon"
+        save_original(model, out / f"{stem}.pth", out / "kl16.ckpt")
+        written = f"{stem}.pth + kl16.ckpt (no tokenizer: the original code takes Qwen2.5's)"
+    else:
+        (save_release if args.layout == "release" else save_model)(model, out, dtype=dtype)
+        save_tokenizer(tokenizer, out)
+        written = "config.json, model.safetensors, tokenizer"
+    print(f"wrote {out}: {written}; {model.config.name}, {str(dtype).removeprefix('torch.')}, {args.layout} layout")
+    if args.layout == "release":
+        print("to load it with the release's remote code (AutoModel, trust_remote_code=True), copy the release's "
+              "configuration_harmon.py, modeling_harmon.py and their modules into it", file=sys.stderr)
     return 0
 
 
@@ -724,7 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="show what a model folder holds (without loading it)",
                        description="Config name, layout, parameters per part, stored dtype and tokenizer of a "
                        "model folder, read from config.json and the weights' headers.")
-    p.add_argument("folder", metavar="DIR", help="model folder")
+    p.add_argument("folder", metavar="DIR", help="model folder (any layout) or Hugging Face repo id")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
@@ -742,6 +750,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the stored weights")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="write a model in our layout, the Hugging Face release's, or the .pth layout",
+                       description="Load MODEL (a folder in any layout, or a hub id) and write it to DIR: 'release' "
+                       "as the official Hugging Face release (config.json with llm + mar, model.safetensors, "
+                       "tokenizer; loadable by the release's remote code and transformers 4.45), 'ours' as harmon "
+                       "writes model folders, 'original' as the released harmon_*.pth + kl16.ckpt.",
+                       formatter_class=fmt)
+    p.add_argument("model", metavar="MODEL", help="model folder (ours, the release's, a fixture) or hub id")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write")
+    p.add_argument("--layout", choices=["release", "ours", "original"], default="release", help="what to write")
+    p.add_argument("--dtype", choices=["keep", "float32", "bfloat16", "float16"], default="keep",
+                   help="dtype of the written weights (keep: as stored, so that a round trip is bit for bit)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("train", help="fine-tune from a YAML config (torchrun for several processes)",
                        description="Fine-tune Harmon with the original's objectives and recipe. Run under "

@@ -1,8 +1,9 @@
-"""Finding a model folder, its tokenizer, and the device and dtype to run it on.
+"""Finding a model, its tokenizer, and the device and dtype to run it on: :func:`load_pretrained`.
 
-A model is a local folder (written by ``harmon convert`` or
-:func:`harmon.checkpoint.save_model`), or a Hugging Face repo id: taken from the
-local Hugging Face cache, else downloaded where the hub can be reached; offline,
+A model is a local folder in any layout :func:`harmon.checkpoint.read_config` knows (ours,
+written by ``harmon convert`` / ``harmon export`` / training; the official Hugging Face
+release; a reference fixture), or a Hugging Face repo id (``wusize/Harmon-1_5B``): taken
+from the local Hugging Face cache, else downloaded where the hub can be reached; offline,
 the error says what to download and where to put it.
 """
 from __future__ import annotations
@@ -10,20 +11,24 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, load_model
+from .models.harmon import Harmon
 
 PathLike = str | os.PathLike
 QWEN2_5_VOCAB_SIZE = 151_665  # BPE ranks + the 22 added tokens of Qwen2.5
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# what a model needs from a hub repo: never the release's remote-code .py files
+HUB_FILES = ["*.json", "*.safetensors", "*.txt"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 HOW_TO_GET_A_MODEL = (
-    "download the released weights (harmon_1.5b.pth or harmon_0.5b.pth, and kl16.ckpt, from the Hugging Face "
-    "repo wusize/harmon) and run `harmon convert --pth harmon_1.5b.pth --vae kl16.ckpt --out MODEL_DIR`, "
-    "then pass --model MODEL_DIR")
+    "download the Hugging Face release (`huggingface-cli download wusize/Harmon-1_5B --local-dir MODEL_DIR`) and "
+    "pass that folder, or download the .pth weights (harmon_1.5b.pth and kl16.ckpt from the repo wusize/harmon) "
+    "and run `harmon convert --pth harmon_1.5b.pth --vae kl16.ckpt --out MODEL_DIR`")
 
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "shapes-model"
@@ -53,7 +58,7 @@ def resolve_model_folder(name_or_path: PathLike | None) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise CheckpointError(f"--model must be a folder (config.json + model.safetensors), not a file: {path}; "
+        raise CheckpointError(f"the model must be a folder (config.json + model.safetensors), not a file: {path}; "
                               "to use released .pth/.ckpt files, run `harmon convert` first")
     if _REPO_ID.match(text) and not text.startswith("."):
         try:
@@ -62,12 +67,12 @@ def resolve_model_folder(name_or_path: PathLike | None) -> Path:
             snapshot_download = None
         if snapshot_download is not None:
             try:
-                return Path(snapshot_download(text, local_files_only=True))
+                return Path(snapshot_download(text, local_files_only=True, allow_patterns=HUB_FILES))
             except Exception:  # not in the local cache (LocalEntryNotFoundError, ...)
                 pass
             if not os.environ.get("HF_HUB_OFFLINE"):
                 try:  # online where the hub can be reached; fails fast where it cannot
-                    return Path(snapshot_download(text, etag_timeout=10))
+                    return Path(snapshot_download(text, etag_timeout=10, allow_patterns=HUB_FILES))
                 except Exception as err:
                     reason = f" (download failed: {type(err).__name__})"
             else:
@@ -76,7 +81,7 @@ def resolve_model_folder(name_or_path: PathLike | None) -> Path:
             reason = " (huggingface_hub is not installed)"
         raise CheckpointError(
             f"model {text!r} is neither a local folder nor in the local Hugging Face cache{reason}: download it "
-            f"first (`huggingface-cli download {text} --local-dir MODEL_DIR`, then --model MODEL_DIR), or "
+            f"first (`huggingface-cli download {text} --local-dir MODEL_DIR`, then use MODEL_DIR), or "
             + HOW_TO_GET_A_MODEL)
     raise CheckpointError(f"model folder not found: {path}. To get one, " + HOW_TO_GET_A_MODEL)
 
@@ -109,12 +114,30 @@ def load_tokenizer(folder: PathLike, vocab_size: int):
         level = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            return AutoTokenizer.from_pretrained(os.fspath(folder), local_files_only=True)
+            # never the remote code a folder may name (the release's auto_map): its .py files are not run
+            return AutoTokenizer.from_pretrained(os.fspath(folder), local_files_only=True, trust_remote_code=False)
         except Exception as err:  # corrupt or incomplete tokenizer files
             raise CheckpointError(f"cannot load the tokenizer in {folder}: {err}") from err
         finally:
             hf_logging.set_verbosity(level)
     return default_tokenizer(vocab_size)
+
+
+def load_pretrained(name_or_path: PathLike | None = None, *, device: str | torch.device = "cpu",
+                    dtype: str | torch.dtype = torch.float32) -> tuple[Harmon, Any]:
+    """The model and its tokenizer: the one loading entry point of the command line, the server, batch runs,
+    evaluation, training and the pipelines' ``from_pretrained``.
+
+    ``name_or_path``: a model folder in any supported layout (ours, the official Hugging Face release, a
+    reference fixture), a Hugging Face repo id (local cache first), or None for the shipped shapes model.
+    ``device`` / ``dtype`` may be names (``"auto"`` as :func:`pick_device` / :func:`pick_dtype`); weights
+    are cast to ``dtype`` while they are read. The tokenizer is the folder's own, else a built-in one.
+    """
+    device = pick_device(device) if isinstance(device, str) else torch.device(device)
+    dtype = pick_dtype(dtype, device) if isinstance(dtype, str) else dtype
+    folder = resolve_model_folder(name_or_path)
+    model = load_model(folder, device=device, dtype=dtype)
+    return model, load_tokenizer(folder, int(model.config.llm["vocab_size"]))
 
 
 def pick_device(name: str = "auto") -> torch.device:

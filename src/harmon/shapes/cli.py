@@ -65,8 +65,8 @@ def add_eval_parser(subparsers, formatter_class=argparse.HelpFormatter) -> argpa
 
 def cmd_eval_shapes(args: argparse.Namespace) -> int:
     """Run :func:`harmon.shapes.evaluate.evaluate_model` from parsed arguments; 0 on success."""
-    from ..checkpoint import load_model, read_config
-    from ..hub import load_tokenizer, pick_device, pick_dtype, resolve_model_folder
+    from ..checkpoint import read_config
+    from ..hub import load_pretrained, resolve_model_folder
     from ..processing import check_image_size
     from .context import context_use
     from .evaluate import evaluate_inpainting, evaluate_model
@@ -92,11 +92,9 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     folder = resolve_model_folder(args.model)
     config = read_config(folder)
     check_image_size(args.size, args.size, config.mar.vae_stride)
-    device = pick_device(args.device)
-    model = load_model(folder, device=device, dtype=pick_dtype(args.dtype, device))
+    model, tokenizer = load_pretrained(folder, device=args.device, dtype=args.dtype)
     if args.compile:
         model.compile_for_sampling()
-    tokenizer = load_tokenizer(folder, int(model.config.llm["vocab_size"]))
     written = []
     if not (args.no_generation and args.no_understanding):
         evaluate_model(model, tokenizer, n_prompts=args.n, seed=args.seed, out_dir=out, image_size=args.size,

@@ -40,7 +40,7 @@ from ..models.init import init_local_decoder_attention, init_vae, init_weights
 from ..models.vae import AutoencoderKL
 from ..processing import GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt
 from ..rng import derive_seed
-from ..tokenizer import train_small_tokenizer
+from ..tokenizer import save_tokenizer, train_small_tokenizer
 from ..train.config import DataConfig, OptimConfig, TrainConfig
 from ..train.trainer import edit_checkpoint, latest_step, train
 from ..train.vae import VAETrainConfig, latent_scale, train_vae
@@ -200,4 +200,4 @@ def _initial_model(config: HarmonConfig, tok_dir: Path, vae_dir: Path, init_dir:
     init_weights(model, generator)
     model.vae.load_state_dict(load_file(str(vae_dir / "vae.safetensors")))
     save_model(model, init_dir)
-    AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(init_dir))
+    save_tokenizer(AutoTokenizer.from_pretrained(str(tok_dir)), init_dir)

@@ -55,7 +55,7 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    model: str                                  # model folder to start from
+    model: str                                  # model to start from: folder (any layout) or hub id
     output_dir: str
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -26,8 +26,9 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_model, read_json, save_model
-from ..hub import load_tokenizer
+from ..checkpoint import read_json, save_model
+from ..hub import load_pretrained, load_tokenizer, resolve_model_folder
+from ..tokenizer import save_tokenizer
 from ..models.harmon import Harmon
 from ..rng import TrainingRNG, derive_seed
 from .config import TrainConfig
@@ -304,9 +305,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> TrainResult:
 
 def _train(cfg: TrainConfig, world: World, stop_after: int | None) -> TrainResult:
     out = Path(cfg.output_dir)
-    model = prepare_model(load_model(cfg.model, device=world.device), cfg)
+    model, tokenizer = load_pretrained(cfg.model, device=world.device)
+    model = prepare_model(model, cfg)
     model.train()
-    tokenizer = load_tokenizer(Path(cfg.model), int(model.config.llm["vocab_size"]))
     captions, conversations = _read_data(cfg)
     image_tokens = (cfg.data.image_size // model.config.mar.vae_stride) ** 2 + model.buffer_size
     batcher = Batcher(tokenizer, cfg.data.image_size, image_tokens, cfg.data.uncond_prob, cfg.seed,
@@ -444,7 +445,7 @@ def export(model: Harmon, tokenizer, folder: Path) -> Path:
         model.llm.model = model.llm.model.merge_and_unload()
     model.eval()
     save_model(model, folder)
-    tokenizer.save_pretrained(str(folder))
+    save_tokenizer(tokenizer, folder)
     return folder
 
 
@@ -457,7 +458,7 @@ def export_checkpoint(run_dir: str | Path, folder: str | Path, step: int | None 
     """
     checkpoint, cfg = _checkpoint_folder(Path(run_dir), step)
     model, _ = _checkpoint_model(checkpoint, cfg)
-    tokenizer = load_tokenizer(Path(cfg.model), int(model.config.llm["vocab_size"]))
+    tokenizer = load_tokenizer(resolve_model_folder(cfg.model), int(model.config.llm["vocab_size"]))
     return export(model, tokenizer, Path(folder))
 
 
@@ -503,6 +504,7 @@ def _checkpoint_folder(run: Path, step: int | None) -> tuple[Path, TrainConfig]:
 def _checkpoint_model(checkpoint: Path, cfg: TrainConfig) -> tuple[Harmon, dict[str, Any]]:
     """The run's starting model with a checkpoint's trained tensors (prepared as for training), and its state."""
     state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
-    model = prepare_model(load_model(cfg.model), dataclasses.replace(cfg, compile=False, gradient_checkpointing=False))
+    model = prepare_model(load_pretrained(cfg.model)[0],
+                          dataclasses.replace(cfg, compile=False, gradient_checkpointing=False))
     _restore_trainable(model, state["model"], checkpoint)
     return model, state
