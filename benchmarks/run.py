@@ -595,16 +595,18 @@ def image_to_text(model, timers: Timers, config, spec, peak, decode_tokens) -> d
 SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float32": "F32"}
 
 
-def write_checkpoint(config_name: str, folder: Path, dtype_name: str, seed: int = 0) -> dict:
-    """Write config.json + model.safetensors tensor by tensor (one tensor in memory at a time)."""
+def write_checkpoint(config_name: str, folder: Path, dtype_name: str, layout: str = "ours", seed: int = 0) -> dict:
+    """Write config.json + model.safetensors tensor by tensor (one tensor in memory at a time), in our layout
+    (the tied head stored once) or the Hugging Face release's (its config.json, the head beside the embedding)."""
     import torch
-    from harmon.checkpoint import TIED_KEY, expected_keys
+    from harmon.checkpoint import EMBED_KEY, TIED_KEY, expected_keys
     from harmon.config import PRESETS
+    from harmon.release import release_config
 
     config = PRESETS[config_name]()
     dtype = getattr(torch, dtype_name)
     shapes = {k: s for k, s in expected_keys(config).items()
-              if not (config.llm.get("tie_word_embeddings") and k == TIED_KEY)}
+              if layout == "release" or not (config.llm.get("tie_word_embeddings") and k == TIED_KEY)}
     header, offset = {"__metadata__": {"format": "pt", "model_type": "harmon"}}, 0
     for k, s in shapes.items():
         nbytes = math.prod(s) * dtype.itemsize
@@ -619,12 +621,16 @@ def write_checkpoint(config_name: str, folder: Path, dtype_name: str, seed: int 
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
+        embedding = None
         for k, s in shapes.items():
-            t = init_tensor(k, tuple(s), g, dtype).contiguous()
+            t = embedding if k == TIED_KEY and embedding is not None else init_tensor(k, tuple(s), g, dtype).contiguous()
             f.write(t.view(torch.uint8).numpy().data if t.numel() else b"")
+            if k == EMBED_KEY and TIED_KEY in shapes:
+                embedding = t  # the release stores the tied head: the same values again
             del t
     os.replace(tmp, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+    written = release_config(config, dtype_name) if layout == "release" else config.to_dict()
+    (folder / "config.json").write_text(json.dumps(written, indent=1) + "\n")
     return {"write_s": time.perf_counter() - t0, "file_bytes": (folder / "model.safetensors").stat().st_size,
             "data_bytes": offset, "writer_peak_rss_bytes": rss_peak()}
 
@@ -828,7 +834,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-load-check", action="store_true")
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per model subprocess")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--write-checkpoint", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--write-checkpoint", nargs="+", help=argparse.SUPPRESS)  # NAME DIR DTYPE [LAYOUT]
     p.add_argument("--load-check", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--vae-check", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -837,8 +843,8 @@ def main(argv=None) -> int:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return 0
     if args.write_checkpoint:
-        print(json.dumps(write_checkpoint(args.write_checkpoint[0], Path(args.write_checkpoint[1]),
-                                          args.write_checkpoint[2])))
+        name, folder, *rest = args.write_checkpoint
+        print(json.dumps(write_checkpoint(name, Path(folder), *rest)))
         return 0
     if args.load_check:
         print(json.dumps(load_check(*args.load_check)))

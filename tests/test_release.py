@@ -319,6 +319,13 @@ def test_missing_and_extra_tensors_are_named(small, tmp_path):
     with pytest.raises(CheckpointError, match=r"unexpected keys: mar\.extra_head\.weight"):
         load_pretrained(extra)
 
+    def other_head(tensors):
+        tensors[ckpt.TIED_KEY] = tensors[ckpt.TIED_KEY].clone()
+        tensors[ckpt.TIED_KEY][-1, -1] += 1
+    differing = _rewritten(release, tmp_path / "head", other_head)
+    with pytest.raises(CheckpointError, match="differ, but the config ties them"):
+        load_pretrained(differing)
+
 
 def test_half_downloaded_weights_are_named(small, tmp_path, capsys):
     release, _ = small

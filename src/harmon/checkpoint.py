@@ -101,19 +101,48 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         """The tensor's shape, from the file header (nothing is read)."""
         return tuple(self._file.get_slice(key).get_shape())
 
+    def same_bytes(self, a: str, b: str, chunk: int = 1 << 24) -> bool:
+        """Whether tensors ``a`` and ``b`` are stored with the same dtype, shape and bytes.
+
+        Read with plain reads, a chunk at a time: unlike ``torch.equal`` on the tensors, comparing maps no
+        page of the file into memory (the release stores its tied LM head beside the embedding).
+        """
+        start, header = _read_header(self.path)
+        ea, eb = header[a], header[b]
+        if (ea["dtype"], ea["shape"]) != (eb["dtype"], eb["shape"]):
+            return False
+        (a0, a1), (b0, _) = ea["data_offsets"], eb["data_offsets"]
+        with open(self.path, "rb") as fh:
+            for offset in range(0, a1 - a0, chunk):
+                n = min(chunk, a1 - a0 - offset)
+                if os.pread(fh.fileno(), n, start + a0 + offset) != os.pread(fh.fileno(), n, start + b0 + offset):
+                    return False
+        return True
+
+
+def _same_tensor(state_dict: Mapping[str, torch.Tensor], a: str, b: str) -> bool:
+    if isinstance(state_dict, SafetensorsFile):
+        return state_dict.same_bytes(a, b)
+    return torch.equal(state_dict[a], state_dict[b])
+
+
+def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(where the data begins, the JSON header) of a safetensors file; ValueError for a broken header."""
+    with open(path, "rb") as fh:
+        length = int.from_bytes(fh.read(8), "little")
+        if not 0 < length <= min(path.stat().st_size - 8, 100_000_000):
+            raise ValueError(f"header length {length}")
+        return 8 + length, json.loads(fh.read(length))
+
 
 def _truncation_hint(path: Path) -> str:
     """'; it is N bytes but its header describes M ...' for a file cut short (a broken download), else ''."""
-    size = path.stat().st_size
     try:
-        with open(path, "rb") as fh:
-            length = int.from_bytes(fh.read(8), "little")
-            if not 0 < length <= min(size - 8, 100_000_000):
-                return ""
-            header = json.loads(fh.read(length))
-        end = 8 + length + max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+        start, header = _read_header(path)
+        end = start + max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
     except (OSError, ValueError, KeyError, TypeError):
         return ""
+    size = path.stat().st_size
     if end <= size:
         return ""
     return (f"; the file is {size:,} bytes but its header describes {end:,}: it was cut short "
@@ -147,7 +176,7 @@ def load_state_dict(config: HarmonConfig, state_dict: Mapping[str, torch.Tensor]
     tied = bool(config.llm.get("tie_word_embeddings", False))
     if tied:
         # one tensor serves both keys; a checkpoint may hold either key or both (then equal)
-        if TIED_KEY in names and EMBED_KEY in names and not torch.equal(state_dict[TIED_KEY], state_dict[EMBED_KEY]):
+        if TIED_KEY in names and EMBED_KEY in names and not _same_tensor(state_dict, TIED_KEY, EMBED_KEY):
             raise CheckpointError(f"{EMBED_KEY} and {TIED_KEY} differ, but the config ties them "
                                   "(tie_word_embeddings=True)")
         source = EMBED_KEY if EMBED_KEY in names else TIED_KEY if TIED_KEY in names else None
