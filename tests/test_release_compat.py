@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from conftest import REPO
 from harmon.config import PRESETS
-from harmon.hub import default_model_folder
+from harmon.hub import default_model_folder, load_tokenizer
 from harmon.release import MAR_KWARGS, release_config
 from harmon.tokenizer import build_byte_tokenizer, build_qwen2_tokenizer, save_tokenizer
 
@@ -42,11 +42,14 @@ class ReleaseConfig(PretrainedConfig):
         super().__init__(**kwargs)
         self.llm, self.mar = llm, mar
 
-texts, tokenizers, configs = json.loads(sys.stdin.read())
+texts, tokenizers, configs, resave = json.loads(sys.stdin.read())
 out = {"ids": {}, "configs": {}}
 for folder in tokenizers:
     tok = AutoTokenizer.from_pretrained(folder)
     out["ids"][folder] = [tok(t).input_ids for t in texts] + [[tok.eos_token, tok.pad_token]]
+# a Qwen2.5 tokenizer folder as transformers 4.45 writes it (the release's: class Qwen2Tokenizer, vocab + merges)
+source, target = resave
+transformers.Qwen2TokenizerFast.from_pretrained(source).save_pretrained(target)
 for folder in configs:
     config = ReleaseConfig.from_pretrained(folder)
     llm = Qwen2Config.from_dict(dict(config.llm))  # from_dict adds attn_implementation to the dict it gets
@@ -56,8 +59,8 @@ print(json.dumps(out))
 """
 
 
-def _run_445(tokenizers: list[Path], configs: list[Path]) -> dict:
-    payload = json.dumps([TEXTS, [str(p) for p in tokenizers], [str(p) for p in configs]])
+def _run_445(tokenizers: list[Path], configs: list[Path], resave: tuple[Path, Path]) -> dict:
+    payload = json.dumps([TEXTS, [str(p) for p in tokenizers], [str(p) for p in configs], [str(p) for p in resave]])
     done = subprocess.run([str(PYTHON_445), "-c", PROBE], input=payload, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -75,12 +78,18 @@ def test_tokenizers_and_release_configs_load_in_transformers_4_45(tmp_path):
         configs[preset] = release_config(PRESETS[preset](), "bfloat16")
         (tmp_path / preset).mkdir()
         (tmp_path / preset / "config.json").write_text(json.dumps(configs[preset]))
-    seen = _run_445(folders, [tmp_path / p for p in configs])
+    seen = _run_445(folders, [tmp_path / p for p in configs], (tmp_path / "qwen2.5", tmp_path / "as-4.45-writes"))
 
     for folder in folders:
         ours = AutoTokenizer.from_pretrained(str(folder))
         expected = [ours(t).input_ids for t in TEXTS] + [[ours.eos_token, ours.pad_token]]
         assert seen["ids"][str(folder)] == expected, folder.name
+    # and the other way: the tokenizer folder 4.45 wrote, read by harmon as the release's is
+    written_by_445 = json.loads((tmp_path / "as-4.45-writes" / "tokenizer_config.json").read_text())
+    assert written_by_445["tokenizer_class"] == "Qwen2Tokenizer"
+    theirs, ours = load_tokenizer(tmp_path / "as-4.45-writes", 151936), tokenizers["qwen2.5"]
+    assert [theirs(t).input_ids for t in TEXTS] == [ours(t).input_ids for t in TEXTS]
+    assert (theirs.eos_token, theirs.pad_token) == (ours.eos_token, ours.pad_token)
     for preset, written in configs.items():
         there = seen["configs"][str(tmp_path / preset)]
         assert there["mar"] == written["mar"] and set(there["mar"]) == {"type", *MAR_KWARGS}
