@@ -60,7 +60,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .files import file_mode
+from .files import check_folder_path, file_mode
+from .validation import check_guidance, check_prompt
 
 PathLike = str | os.PathLike
 RUN_FILE = "run.json"
@@ -112,8 +113,10 @@ def _record(value: Any, index: int, where: str, source: str, line: int | None = 
     else:
         raise PromptFileError(f"{source}: prompt {index} ({where}) is {_kind(value)}; expected a string or an "
                               "object with a \"prompt\" key")
-    if not prompt.strip():
-        raise PromptFileError(f"{source}: prompt {index} ({where}) is empty")
+    try:
+        check_prompt(prompt, f"{source}: prompt {index} ({where})")
+    except ValueError as err:
+        raise PromptFileError(str(err)) from None
     return PromptRecord(index, prompt, record, line)
 
 
@@ -134,6 +137,8 @@ def parse_prompts(text: str, *, fmt: str = "auto", source: str = "prompts") -> l
         except json.JSONDecodeError as err:
             raise PromptFileError(f"{source}: not valid JSON at line {err.lineno}, column {err.colno} "
                                   f"(character {err.pos}): {err.msg}") from None
+        except RecursionError:
+            raise PromptFileError(f"{source}: JSON nested too deeply to read") from None
         if not isinstance(data, list):
             raise PromptFileError(f"{source}: expected a JSON list of prompts (strings or objects with a "
                                   f"\"prompt\" key), got {_kind(data)}")
@@ -147,11 +152,13 @@ def parse_prompts(text: str, *, fmt: str = "auto", source: str = "prompts") -> l
             except json.JSONDecodeError as err:
                 raise PromptFileError(f"{source}: line {number} is not valid JSON ({err.msg} at column "
                                       f"{err.colno})") from None
+            except RecursionError:
+                raise PromptFileError(f"{source}: line {number} is JSON nested too deeply to read") from None
             records.append(_record(value, len(records), f"line {number}", source, number))
     elif fmt == "txt":
         for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
-                records.append(PromptRecord(len(records), line.strip(), {"prompt": line.strip()}, number))
+                records.append(_record(line.strip(), len(records), f"line {number}", source, number))
     else:
         raise ValueError(f"unknown prompts format {fmt!r}: use json, jsonl, txt or auto")
     if not records:
@@ -419,9 +426,6 @@ def _check_options(num_images, batch_size, seed, cfg, cfg_schedule, temperature,
         (isinstance(num_images, int) and num_images >= 1, f"--num-images must be >= 1, got {num_images}"),
         (isinstance(batch_size, int) and batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}"),
         (isinstance(seed, int) and seed >= 0, f"--seed must be >= 0, got {seed}"),
-        (cfg >= 1.0, f"--cfg must be >= 1 (1 disables guidance), got {cfg}"),
-        (cfg_schedule in ("constant", "linear"), f"--cfg-schedule must be constant or linear, got {cfg_schedule}"),
-        (temperature > 0, f"--temperature must be > 0, got {temperature}"),
         (isinstance(num_iter, int) and num_iter >= 1, f"--num-iter must be >= 1, got {num_iter}"),
         (num_steps is None or (str(num_steps).isdigit() and 2 <= int(num_steps) <= 1000),
          f"--num-steps must be in 2..1000, got {num_steps}"),
@@ -431,6 +435,26 @@ def _check_options(num_images, batch_size, seed, cfg, cfg_schedule, temperature,
     for ok, message in checks:
         if not ok:
             raise BatchError(message)
+    try:
+        check_guidance(cfg, cfg_schedule, temperature)
+    except ValueError as err:
+        raise BatchError(str(err)) from None
+
+
+def _check_prompt_lengths(records: Sequence[PromptRecord], folder: Path, config, grid: tuple[int, int]) -> None:
+    """Every prompt fits the LLM's positions beside the image: checked before run.json is written, so that a
+    corrected prompts file may go into the same folder."""
+    from .hub import load_tokenizer
+    from .pipelines.text_to_image import check_positions
+    from .processing import GENERATION_PREFIX, chat_prompt
+
+    tokenizer = load_tokenizer(folder, int(config.llm["vocab_size"]))
+    for record in records:
+        tokens = len(tokenizer.encode(chat_prompt(GENERATION_PREFIX + record.prompt.strip()), add_special_tokens=False))
+        try:
+            check_positions(config, tokens, grid)
+        except ValueError as err:
+            raise BatchError(f"prompt {record.index}: {err}") from None
 
 
 def _device_for(name: str, shard: Shard):
@@ -486,13 +510,14 @@ def run_batch(prompts: PathLike | Sequence[PromptRecord], model: PathLike, out_d
     width = height if width is None else width
     num_iter = iteration_schedule(config.num_iter, num_iter, num_steps, fast)[0]  # steps: the pipeline's
     _check_options(num_images, batch_size, seed, cfg, cfg_schedule, temperature, num_iter, num_steps, vae_tile)
-    check_image_size(height, width, config.mar.vae_stride)
+    _check_prompt_lengths(records, folder, config, check_image_size(height, width, config.mar.vae_stride))
     shard = shard if shard is not None else shard_from_env()
     torch_device = _device_for(device, shard)
     torch_dtype = pick_dtype(dtype, torch_device)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise BatchError(f"--out-dir is not a folder: {out}")
+    try:
+        out = check_folder_path(out_dir, "the output folder")
+    except ValueError as err:
+        raise BatchError(str(err)) from None
 
     settings = {
         "model": config.name, "model_fingerprint": model_fingerprint(folder),

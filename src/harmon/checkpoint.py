@@ -191,13 +191,24 @@ def load_state_dict(config: HarmonConfig, state_dict: Mapping[str, torch.Tensor]
         raise CheckpointError(_mismatch_message(missing, unexpected,
                                                 [(k, shape_of(names[k]), expected[k]) for k in wrong], config))
     device = torch.device(device)
-    converted = {}
+    floating = {k for k, v in model.state_dict().items() if v.is_floating_point()}
+    converted, not_finite = {}, []
     for key, source in names.items():  # one tensor at a time: never two copies of the weights
         if tied and key == TIED_KEY:
             continue
         tensor = state_dict[source]
+        if tensor.is_floating_point() != (key in floating):
+            raise CheckpointError(f"{source} is stored as {str(tensor.dtype).removeprefix('torch.')}, but the model "
+                                  f"holds {'floating point' if key in floating else 'integer'} values there: the "
+                                  "file is corrupt or not a Harmon checkpoint")
         converted[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
         del tensor
+        if key in floating and not _all_finite(converted[key]):
+            not_finite.append(source)
+    if not_finite:
+        raise CheckpointError(f"{len(not_finite)} tensors hold NaN or infinite values ({', '.join(not_finite[:5])}"
+                              f"{', ...' if len(not_finite) > 5 else ''}): the weights are corrupt (or overflowed "
+                              f"when cast to {str(dtype).removeprefix('torch.')})")
     if tied:
         converted[TIED_KEY] = converted[EMBED_KEY]  # converted once, not twice
     model.load_state_dict(converted, strict=True, assign=True)
@@ -206,6 +217,14 @@ def load_state_dict(config: HarmonConfig, state_dict: Mapping[str, torch.Tensor]
     _materialize_buffers(model, device)
     model.eval()
     return model
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinity in ``tensor``: its min and max, which NaN propagates to (as fast as a sum, no copy)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _materialize_buffers(model: Harmon, device: torch.device) -> None:
@@ -315,9 +334,11 @@ def read_config(folder: PathLike) -> HarmonConfig:
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path``; unreadable or non-object content raises :class:`CheckpointError`."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"cannot read {path}: {err}") from err
+    except RecursionError:
+        raise CheckpointError(f"cannot read {path}: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} does not hold a JSON object")
     return data

@@ -6,12 +6,15 @@ User errors (missing files, bad sizes, unusable model folders, ...) end with one
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
 import secrets
 import sys
 from pathlib import Path
+
+from .validation import check_guidance, check_prompt
 
 EXIT_USER_ERROR = 2
 DEFAULT_QUESTION = "Describe the image."  # the shipped shapes model was trained on exactly this question
@@ -123,15 +126,13 @@ def _decode_kwargs(args: argparse.Namespace) -> dict:
 def _check_understanding_inputs(args: argparse.Namespace, folder: Path):
     """Open the image and check --image-size before the (slow) model load."""
     from .checkpoint import read_config
-    from .processing import load_image
+    from .processing import check_understanding_size, load_image
 
     image = load_image(args.image)
     config = read_config(folder)
     if args.image_size is None:
         args.image_size = config.image_size
-    stride = config.mar.vae_stride
-    if args.image_size < stride or args.image_size % stride:
-        raise UserError(f"--image-size must be a positive multiple of {stride}, got {args.image_size}")
+    check_understanding_size(args.image_size, config.mar.vae_stride, config.mar.buffer_size, config.max_positions)
     return image
 
 
@@ -169,6 +170,8 @@ def make_grid(images):
 
 # -- generate ------------------------------------------------------------------------------------
 def _output_paths(args: argparse.Namespace, seeds: list[int]) -> tuple[list[Path], Path | None]:
+    from .files import check_folder_path
+
     n = len(seeds)
     if args.out is not None:
         out = Path(args.out)
@@ -176,17 +179,14 @@ def _output_paths(args: argparse.Namespace, seeds: list[int]) -> tuple[list[Path
             raise UserError(f"--out must name a .png file, got {out}")
         if out.is_dir():
             raise UserError(f"--out is a folder ({out}); use --out-dir for folders")
-        folder = out.parent
+        folder = check_folder_path(out.parent, "the folder of --out")
         paths = [out] if n == 1 else [folder / f"{out.stem}_{k}{out.suffix}" for k in range(n)]
         grid = folder / f"{out.stem}_grid{out.suffix}" if args.grid else None
     else:
-        folder = Path(args.out_dir)
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"--out-dir is not a folder: {folder}")
+        folder = check_folder_path(args.out_dir, "--out-dir")
         stem = _slug(args.prompt)
         paths = [folder / f"{stem}_{s}.png" for s in seeds]
         grid = folder / f"{stem}_{seeds[0]}_grid.png" if args.grid else None
-    folder.mkdir(parents=True, exist_ok=True)
     return paths, grid
 
 
@@ -196,9 +196,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .checkpoint import read_config
     from .pipelines import TextToImagePipeline
 
-    prompt = args.prompt
-    if not prompt.strip():
-        raise UserError("the prompt is empty")
+    prompt = check_prompt(args.prompt)
+    check_guidance(args.cfg, args.cfg_schedule, args.temperature)
     if args.num_images < 1:
         raise UserError(f"--num-images must be >= 1, got {args.num_images}")
     if args.batch_size < 1:
@@ -226,6 +225,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                    "temperature": args.temperature, "num_iter": out.settings["num_iter"],
                                    "fast": args.fast, "num_steps": out.settings["num_steps"], "height": height,
                                    "width": width, "vae_tile": args.vae_tile}, model, folder)
+            path.parent.mkdir(parents=True, exist_ok=True)  # now that there is an image to write
             write_atomic(path, png_bytes(image, meta))
             images.append(image)
             print(path, flush=True)
@@ -258,15 +258,19 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     from .batch import image_metadata, png_bytes, write_atomic
     from .checkpoint import read_config
+    from .files import check_folder_path
     from .pipelines import EditPipeline, inpaint_region, outpaint_region, variation_region
 
     chosen = [name for name in ("mask", "box", "extend", "strength") if getattr(args, name) is not None]
     if len(chosen) != 1:
         raise UserError("give exactly one of --mask, --box, --extend, --strength")
-    if not args.prompt.strip():
-        raise UserError("the prompt is empty")
+    check_prompt(args.prompt)
+    check_guidance(args.cfg, args.cfg_schedule, args.temperature)
     if not args.out.lower().endswith(".png"):
         raise UserError(f"--out must name a .png file, got {args.out}")
+    if Path(args.out).is_dir():
+        raise UserError(f"--out is a folder: {args.out}")
+    check_folder_path(Path(args.out).parent, "the folder of --out")
     _check_vae_tile(args)
     seed = args.seed if args.seed is not None else secrets.randbits(31)
     folder = _model_folder(args)
@@ -315,9 +319,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
     """Answer one question about an image, streaming the answer to stdout."""
     from .pipelines import ImageToTextPipeline
 
-    question = DEFAULT_QUESTION if args.question is None else args.question
-    if not question.strip():
-        raise UserError("the question is empty")
+    question = check_prompt(DEFAULT_QUESTION if args.question is None else args.question, "the question")
     folder = _model_folder(args)
     image = _check_understanding_inputs(args, folder)
     decode = _decode_kwargs(args)
@@ -340,6 +342,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     decode = _decode_kwargs(args)
     model, tokenizer = _load(args, folder)
     session = ChatSession(ImageToTextPipeline(model, tokenizer, image_size=args.image_size), image)
+    # bytes that are not UTF-8 reach the question check (one clear error) instead of failing the read
+    if hasattr(sys.stdin, "reconfigure"):  # a real text stream (tests may give a StringIO)
+        sys.stdin.reconfigure(errors="surrogateescape")
     interactive = sys.stdin.isatty()
     if interactive:
         print("Ask about the image; an empty line, /quit or Ctrl-D ends.", file=sys.stderr)
@@ -351,6 +356,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         question = line.strip()
         if not line or not question or question in ("/quit", "/exit"):
             return 0
+        check_prompt(question, "the question")
         for piece in session.stream(question, **decode):
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -474,7 +480,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # -- convert ----------------------------------------------------------------------------------------
 def _convert_config(spec: str | None):
-    from .checkpoint import CheckpointError, config_from_reference, read_config
+    from .checkpoint import CheckpointError, config_from_reference, read_config, read_json
     from .config import PRESETS, HarmonConfig
 
     if spec is None:
@@ -486,18 +492,18 @@ def _convert_config(spec: str | None):
         return read_config(path)
     if not path.is_file():
         raise UserError(f"--config is neither a preset ({', '.join(PRESETS)}) nor a config.json: {spec}")
+    data = read_json(path)
     try:
-        data = json.loads(path.read_text())
         return config_from_reference(data) if "mar_kwargs" in data else HarmonConfig.from_dict(data)
-    except (OSError, ValueError, TypeError, KeyError) as err:
+    except (ValueError, TypeError, KeyError) as err:
         raise CheckpointError(f"cannot read {path} as a Harmon config: {err}") from err
 
 
 def _output_folder(path: str, force: bool) -> Path:
     """``--out``: a folder that does not exist, is empty, or may be overwritten (``--force``)."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out exists and is not a folder: {out}")
+    from .files import check_folder_path
+
+    out = check_folder_path(path, "--out")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"--out folder {out} is not empty (use --force to overwrite)")
     return out
@@ -570,7 +576,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig.from_yaml(args.config)
     if args.max_steps is not None:
-        cfg.max_steps = args.max_steps
+        cfg = dataclasses.replace(cfg, max_steps=args.max_steps)  # checked again, as the file's value is
     result = train(cfg)
     if result.final_dir is not None:
         print(f"trained {result.steps} steps; model written to {result.final_dir}")

@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .validation import check_field_types, check_range
+
 
 def _from_dict(cls, data: dict[str, Any], what: str):
     known = {f.name for f in dataclasses.fields(cls)}
@@ -39,9 +41,15 @@ class VAEConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
+        check_field_types(self, "vae")
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
         object.__setattr__(self, "encoder_attn_resolutions", tuple(self.encoder_attn_resolutions))
         object.__setattr__(self, "decoder_attn_resolutions", tuple(self.decoder_attn_resolutions))
+        for name in ("embed_dim", "ch", "num_res_blocks", "z_channels", "resolution", "in_channels", "out_ch"):
+            check_range(getattr(self, name), f"vae.{name}", 1)
+        if not self.ch_mult or min(self.ch_mult) < 1:
+            raise ValueError(f"vae.ch_mult must be positive integers, got {self.ch_mult}")
+        check_range(self.dropout, "vae.dropout", 0, 1, high_open=True)
         if self.ch % 32:
             raise ValueError(f"VAE base width ch={self.ch} must be a multiple of 32 (GroupNorm uses 32 groups)")
         if not self.double_z:
@@ -86,7 +94,17 @@ class MARConfig:
     grad_checkpointing: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "num_sampling_steps", str(self.num_sampling_steps))
+        if isinstance(self.num_sampling_steps, int) and not isinstance(self.num_sampling_steps, bool):
+            object.__setattr__(self, "num_sampling_steps", str(self.num_sampling_steps))  # the original takes both
+        check_field_types(self, "mar")
+        for f in dataclasses.fields(self):
+            if f.type in ("int", int):
+                check_range(getattr(self, f.name), f"mar.{f.name}", 0 if f.name == "buffer_size" else 1)
+        for name in ("attn_dropout", "proj_dropout", "label_drop_prob"):
+            check_range(getattr(self, name), f"mar.{name}", 0, 1, high_open=True)
+        check_range(self.mask_ratio_min, "mar.mask_ratio_min", 0, 1)
+        check_range(self.mlp_ratio, "mar.mlp_ratio", 0, low_open=True)
+        check_range(self.norm_layer_eps, "mar.norm_layer_eps", 0, low_open=True)
         if self.patch_size != 1:
             raise ValueError(f"Harmon uses patch_size=1 (one token per latent pixel), got {self.patch_size}")
         if self.img_size % self.vae_stride:
@@ -137,6 +155,11 @@ class HarmonConfig:
             object.__setattr__(self, "mar", MARConfig.from_dict(self.mar))
         if isinstance(self.vae, dict):
             object.__setattr__(self, "vae", VAEConfig.from_dict(self.vae))
+        check_field_types(self, "")
+        check_range(self.vae_scale, "vae_scale", 0, low_open=True)
+        check_range(self.image_size, "image_size", 1)
+        check_range(self.num_iter, "num_iter", 1)
+        _check_llm(self.llm)
         if self.vae.embed_dim != self.mar.vae_embed_dim:
             raise ValueError(f"VAE embed_dim {self.vae.embed_dim} != MAR vae_embed_dim {self.mar.vae_embed_dim}")
         if self.vae.stride != self.mar.vae_stride:
@@ -146,6 +169,11 @@ class HarmonConfig:
     @property
     def llm_hidden_size(self) -> int:
         return int(self.llm["hidden_size"])
+
+    @property
+    def max_positions(self) -> int:
+        """The LLM's positions: prompt, image tokens and buffer together (Qwen2Config's default 32768)."""
+        return int(self.llm.get("max_position_embeddings", 32768))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dictionary (the ``config.json`` of our model folders)."""
@@ -171,6 +199,30 @@ class HarmonConfig:
         if missing:
             raise ValueError(f"Harmon config is missing {sorted(missing)}")
         return _from_dict(cls, data, "harmon")
+
+
+# the Qwen2 fields that size the LLM: positive integers (or positive numbers), checked before anything is built
+_LLM_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "max_position_embeddings")
+
+
+def _check_llm(llm: dict[str, Any]) -> None:
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+        if key not in llm:
+            raise ValueError(f"llm.{key} is missing")
+    for key in _LLM_SIZES:
+        value = llm.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"llm.{key} must be a positive integer, got {value!r} ({type(value).__name__})")
+    for key in ("rms_norm_eps", "rope_theta"):
+        value = llm.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ValueError(f"llm.{key} must be a positive number, got {value!r} ({type(value).__name__})")
+    if not isinstance(llm.get("tie_word_embeddings", False), bool):
+        raise ValueError(f"llm.tie_word_embeddings must be true or false, got {llm['tie_word_embeddings']!r}")
+    if llm["hidden_size"] % llm["num_attention_heads"]:
+        raise ValueError(f"llm.hidden_size {llm['hidden_size']} is not divisible by llm.num_attention_heads "
+                         f"{llm['num_attention_heads']}")
 
 
 def _qwen2_5_llm(hidden: int, layers: int, heads: int, mlp: int) -> dict[str, Any]:

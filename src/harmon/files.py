@@ -27,3 +27,15 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def check_folder_path(folder: str | os.PathLike, what: str) -> Path:
+    """``folder``, if it is a folder or can be made one: nothing on its way is a file (else ``ValueError``
+    naming the file), so that no work is done for outputs that cannot be written."""
+    folder = Path(folder)
+    for path in (folder, *folder.parents):
+        if path.is_dir():
+            break  # an existing folder: the rest of the way exists
+        if path.exists() or path.is_symlink():
+            raise ValueError(f"{what} {folder} cannot be made a folder: {path} is a file")
+    return folder

@@ -115,3 +115,15 @@ def check_image_size(height: int, width: int, stride: int = 16) -> tuple[int, in
         if not isinstance(value, int) or value < stride or value % stride:
             raise ValueError(f"image {name} must be a positive multiple of {stride} pixels, got {value!r}")
     return height // stride, width // stride
+
+
+def check_understanding_size(image_size: int, stride: int, buffer_size: int, max_positions: int) -> None:
+    """An understanding image side: a positive multiple of ``stride`` whose tokens (and the buffer) leave
+    room for a question in the LLM's positions. Checked before the VAE sees the image (its memory grows
+    with the size)."""
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < stride or image_size % stride:
+        raise ValueError(f"image_size must be a positive multiple of {stride}, got {image_size!r}")
+    tokens = (image_size // stride) ** 2 + buffer_size
+    if tokens >= max_positions:
+        raise ValueError(f"image_size {image_size} makes {tokens} image tokens, more than the LLM's {max_positions} "
+                         "positions hold with a question")

@@ -22,7 +22,8 @@ from ..processing import (GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt, 
                           image_to_tensor, load_image, tensor_to_pil, tokenize_prompts)
 from ..rng import SeededRNG
 from ..sampling import generate_latents
-from .text_to_image import TextToImageOutput, describe_steps, iteration_schedule
+from ..validation import check_prompt
+from .text_to_image import TextToImageOutput, check_positions, check_sampling, describe_steps, iteration_schedule
 
 STRIDE = 16  # the released models' VAE stride (KL-16); pass the model's own as ``stride``
 
@@ -142,19 +143,20 @@ class EditPipeline:
         iterations run over the unknown tokens only).
         """
         num_iter, num_steps = iteration_schedule(self.model.config.num_iter, num_iter, num_steps, fast)
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("the prompt is empty")
+        check_prompt(prompt)
+        check_sampling(self.model, guidance_scale, cfg_schedule, temperature, num_iter, num_steps)
         check_vae_tile(vae_tile)
         if region.stride != self.model.config.mar.vae_stride:
             raise ValueError(f"the region was built for VAE stride {region.stride}, the model's is "
                              f"{self.model.config.mar.vae_stride}: pass stride= to the region builder")
         h, w = region.known.shape
-        pixels = image_to_tensor(region.canvas, (region.canvas.height, region.canvas.width))
-        known_tokens = self.model.encode(pixels.to(device=self.model.device, dtype=self.model.dtype))  # (1, h, w, C)
         texts = [chat_prompt(GENERATION_PREFIX + prompt.strip())]
         if guidance_scale != 1.0:
             texts.append(chat_prompt(UNCONDITIONAL_PROMPT))
         input_ids, attention_mask = tokenize_prompts(self.tokenizer, texts, self.pad_id)
+        check_positions(self.model.config, input_ids.shape[1], (h, w))  # before the VAE sees an image of any size
+        pixels = image_to_tensor(region.canvas, (region.canvas.height, region.canvas.width))
+        known_tokens = self.model.encode(pixels.to(device=self.model.device, dtype=self.model.dtype))  # (1, h, w, C)
         tokens = generate_latents(self.model, input_ids, attention_mask, SeededRNG.from_seeds([seed]),
                                   image_shape=(h, w), num_iter=num_iter, cfg=guidance_scale,
                                   cfg_schedule=cfg_schedule, temperature=temperature, num_steps=num_steps,

@@ -15,7 +15,8 @@ from transformers import DynamicCache
 
 from ..hub import load_pretrained
 from ..models.harmon import Harmon
-from ..processing import IMAGE_TOKEN, chat_prompt, load_image, understanding_input
+from ..processing import IMAGE_TOKEN, chat_prompt, check_understanding_size, load_image, understanding_input
+from ..validation import check_prompt
 
 CHAT_TURN_END = "<|im_end|>\n"
 
@@ -90,9 +91,8 @@ class ImageToTextPipeline:
     @torch.no_grad()
     def image_embeds(self, image: str | Image.Image) -> torch.Tensor:
         """One image -> its visual embeddings (1, (size/16)^2 + buffer, H): image tokens, then the buffer."""
-        stride = self.model.config.mar.vae_stride
-        if self.image_size % stride:
-            raise ValueError(f"image_size must be a multiple of {stride}, got {self.image_size}")
+        config = self.model.config
+        check_understanding_size(self.image_size, config.mar.vae_stride, config.mar.buffer_size, config.max_positions)
         pixels = understanding_input(load_image(image), self.image_size)
         latents = self.model.encode(pixels.to(device=self.model.device, dtype=self.model.dtype))
         return self.model.extract_visual_feature(latents)[1]
@@ -114,8 +114,7 @@ class ImageToTextPipeline:
 
     def stream(self, image: str | Image.Image, question: str, **decode) -> Iterator[str]:
         """Yield the answer as text pieces while it is generated."""
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError("the question is empty")
+        check_prompt(question, "the question")
         embeds = self.prompt_embeds(chat_prompt(f"{IMAGE_TOKEN}\n{question}"), self.image_embeds(image))
         yield from self.decode_text(self.generate_ids(embeds, **decode))
 
@@ -158,8 +157,7 @@ class ChatSession:
         return text + chat_prompt(f"{IMAGE_TOKEN}\n{question}" if not self.history else question)
 
     def stream(self, question: str, **decode) -> Iterator[str]:
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError("the question is empty")
+        check_prompt(question, "the question")
         embeds = self.pipeline.prompt_embeds(self.conversation(question), self.image_embeds)
         answer = ""
         for piece in self.pipeline.decode_text(self.pipeline.generate_ids(embeds, **decode)):

@@ -11,11 +11,13 @@ from tqdm.auto import tqdm
 
 from ..diffusion import NUM_TRAIN_TIMESTEPS, respaced_timesteps
 from ..hub import load_pretrained
+from ..config import HarmonConfig
 from ..models.harmon import Harmon
 from ..processing import (GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt, check_image_size, check_vae_tile,
                           tensor_to_pil, tokenize_prompts)
 from ..rng import ReferenceRNG, SeededRNG
 from ..sampling import StepInfo, annealed_steps, generate_latents
+from ..validation import check_guidance, check_prompt
 
 # The fast mode: half the MAR iterations, and diffusion steps annealed from 50 (first
 # iteration) to 5 (last), as DiSA does for Harmon. Off by default.
@@ -32,6 +34,34 @@ def iteration_schedule(model_num_iter: int, num_iter: int | None, num_steps: int
     if num_steps is None and fast:
         num_steps = annealed_steps(*FAST_STEPS, num_iter)
     return num_iter, num_steps
+
+
+def check_sampling(model: Harmon, guidance_scale: float, cfg_schedule: str, temperature: float, num_iter: int,
+                   num_steps: int | str | Sequence[int] | None) -> None:
+    """The sampling settings of text-to-image and editing, checked before any work (finite numbers in range)."""
+    check_guidance(guidance_scale, cfg_schedule, temperature)
+    if not isinstance(num_iter, int) or isinstance(num_iter, bool) or num_iter < 1:
+        raise ValueError(f"num_iter must be a positive integer, got {num_iter!r}")
+    values = [] if num_steps is None else [num_steps] if isinstance(num_steps, (int, str)) else list(num_steps)
+    for value in values:
+        if str(value).isdigit() and not 2 <= int(value) <= 1000:
+            raise ValueError(f"num_steps must be integers in 2..1000, got {num_steps!r}")
+        try:  # counts, or respacing strings of the original ("10,5", "ddim25")
+            respaced_timesteps(NUM_TRAIN_TIMESTEPS, model.mar.diffloss.sampling_spec(value))
+        except ValueError as err:
+            raise ValueError(f"num_steps: {err} (got {num_steps!r})") from None
+    if len(values) > 1 and len(values) != num_iter:
+        raise ValueError(f"{len(values)} diffusion step counts for {num_iter} MAR iterations")
+
+
+def check_positions(config: HarmonConfig, prompt_tokens: int, grid: tuple[int, int]) -> None:
+    """The prompt and the image's tokens fit the LLM's positions (which also bounds the image's memory)."""
+    limit, buffer = config.max_positions, config.mar.buffer_size
+    needed = prompt_tokens + grid[0] * grid[1] + buffer
+    if needed > limit:
+        raise ValueError(f"prompt of {prompt_tokens} tokens plus {needed - prompt_tokens} image tokens "
+                         f"({grid[0]}x{grid[1]} latent cells and {buffer} buffer) exceeds the LLM's {limit} "
+                         "positions: shorten the prompt or the image")
 
 
 def describe_steps(model: Harmon, num_steps) -> str:
@@ -116,7 +146,13 @@ class TextToImagePipeline:
         num_iter, num_steps = iteration_schedule(self.model.config.num_iter, num_iter, num_steps, fast)
         height = self.model.config.image_size if height is None else height
         width = height if width is None else width
-        self._validate(prompts, num_images_per_prompt, guidance_scale, temperature, num_iter, num_steps)
+        if not prompts:
+            raise ValueError("no prompt given")
+        for i, p in enumerate(prompts):
+            check_prompt(p, f"prompt {i}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        check_sampling(self.model, guidance_scale, cfg_schedule, temperature, num_iter, num_steps)
         check_vae_tile(vae_tile)
         grid = check_image_size(height, width, self.model.config.mar.vae_stride)
         per_image = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -129,7 +165,7 @@ class TextToImagePipeline:
         if guidance_scale != 1.0:
             texts += [chat_prompt(UNCONDITIONAL_PROMPT)] * len(per_image)
         input_ids, attention_mask = tokenize_prompts(self.tokenizer, texts, self.pad_id)
-        self._check_length(input_ids.shape[1], grid)
+        check_positions(self.model.config, input_ids.shape[1], grid)
 
         bar = tqdm(total=num_iter, desc="MAR iterations", disable=not progress, leave=False)
 
@@ -151,35 +187,3 @@ class TextToImagePipeline:
                     "height": height, "width": width, "vae_tile": vae_tile, "model": self.model.config.name}
         return TextToImageOutput(tensor_to_pil(images) if output_type == "pil" else images, used_seeds, per_image,
                                  settings)
-
-    def _validate(self, prompts, num_images_per_prompt, guidance_scale, temperature, num_iter, num_steps) -> None:
-        if not prompts:
-            raise ValueError("no prompt given")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str) or not p.strip():
-                raise ValueError(f"prompt {i} is empty")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-        if not guidance_scale >= 1.0:
-            raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not isinstance(num_iter, int) or num_iter < 1:
-            raise ValueError(f"num_iter must be a positive integer, got {num_iter!r}")
-        values = [] if num_steps is None else [num_steps] if isinstance(num_steps, (int, str)) else list(num_steps)
-        for value in values:
-            if str(value).isdigit() and not 2 <= int(value) <= 1000:
-                raise ValueError(f"num_steps must be integers in 2..1000, got {num_steps!r}")
-            try:  # counts, or respacing strings of the original ("10,5", "ddim25")
-                respaced_timesteps(NUM_TRAIN_TIMESTEPS, self.model.mar.diffloss.sampling_spec(value))
-            except ValueError as err:
-                raise ValueError(f"num_steps: {err} (got {num_steps!r})") from None
-        if len(values) > 1 and len(values) != num_iter:
-            raise ValueError(f"{len(values)} diffusion step counts for {num_iter} MAR iterations")
-
-    def _check_length(self, prompt_tokens: int, grid: tuple[int, int]) -> None:
-        limit = int(self.model.llm.config.max_position_embeddings)
-        needed = prompt_tokens + grid[0] * grid[1] + self.model.buffer_size
-        if needed > limit:
-            raise ValueError(f"prompt of {prompt_tokens} tokens plus {needed - prompt_tokens} image tokens exceeds "
-                             f"the LLM's {limit} positions: shorten the prompt or the image")

@@ -66,6 +66,7 @@ def add_eval_parser(subparsers, formatter_class=argparse.HelpFormatter) -> argpa
 def cmd_eval_shapes(args: argparse.Namespace) -> int:
     """Run :func:`harmon.shapes.evaluate.evaluate_model` from parsed arguments; 0 on success."""
     from ..checkpoint import read_config
+    from ..files import check_folder_path
     from ..hub import load_pretrained, resolve_model_folder
     from ..processing import check_image_size
     from .context import context_use
@@ -86,9 +87,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     if args.no_generation and args.no_understanding and not (args.inpainting or args.context):
         raise ValueError("nothing to do: --no-generation and --no-understanding given without --inpainting "
                          "or --context")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out is not a folder: {out}")
+    out = check_folder_path(args.out, "--out")
     folder = resolve_model_folder(args.model)
     config = read_config(folder)
     check_image_size(args.size, args.size, config.mar.vae_stride)

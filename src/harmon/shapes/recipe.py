@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model, read_json, save_model
 from ..config import HarmonConfig, shapes
+from ..files import check_folder_path
 from ..models.harmon import Harmon
 from ..models.init import init_local_decoder_attention, init_vae, init_weights
 from ..models.vae import AutoencoderKL
@@ -115,7 +116,7 @@ def _stage(out: Path, name: str, times: dict, run) -> None:
 
 def run_recipe(out_dir: str | Path, cfg: RecipeConfig) -> Path:
     """Run (or continue) every stage of the recipe in ``out_dir``; returns the finished model folder."""
-    out = Path(out_dir)
+    out = check_folder_path(out_dir, "the recipe's output folder")
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "recipe.json"
     record = read_json(record_path) if record_path.is_file() else {"config": cfg.to_dict(), "seconds": {}}

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
+from ..validation import check_field_types, check_prompt, check_range
+
 PARTS = ("llm", "mar_encoder", "mar_decoder", "projections")
 
 
@@ -31,6 +33,17 @@ class DataConfig:
     uncond_prob: float = 0.1
     max_length: int = 2048
 
+    def __post_init__(self):
+        check_field_types(self, "data")
+        for name in ("t2i_batch_size", "i2t_batch_size"):
+            check_range(getattr(self, name), f"data.{name}", 0)
+        if self.t2i_batch_size + self.i2t_batch_size == 0:
+            raise ValueError("data: t2i_batch_size and i2t_batch_size are both 0: nothing to train on")
+        check_range(self.uncond_prob, "data.uncond_prob", 0, 1)
+        check_range(self.max_length, "data.max_length", 1)
+        if self.image_size % 16 or self.image_size < 16:
+            raise ValueError(f"data.image_size must be a multiple of 16, got {self.image_size}")
+
 
 @dataclass
 class OptimConfig:
@@ -40,6 +53,17 @@ class OptimConfig:
     grad_clip: float = 1.0
     warmup_ratio: float = 0.01
     min_lr_ratio: float = 0.0
+
+    def __post_init__(self):
+        check_field_types(self, "optim")
+        self.betas = tuple(self.betas)
+        check_range(self.lr, "optim.lr", 0, low_open=True)
+        for i, beta in enumerate(self.betas):
+            check_range(beta, f"optim.betas[{i}]", 0, 1, high_open=True)
+        check_range(self.weight_decay, "optim.weight_decay", 0)
+        check_range(self.grad_clip, "optim.grad_clip", 0, low_open=True)
+        check_range(self.warmup_ratio, "optim.warmup_ratio", 0, 1)
+        check_range(self.min_lr_ratio, "optim.min_lr_ratio", 0, 1)
 
 
 @dataclass
@@ -51,6 +75,12 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"])
+
+    def __post_init__(self):
+        check_field_types(self, "lora")
+        check_range(self.r, "lora.r", 0)
+        check_range(self.alpha, "lora.alpha", 1)
+        check_range(self.dropout, "lora.dropout", 0, 1, high_open=True)
 
 
 @dataclass
@@ -77,18 +107,18 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        check_field_types(self, "")
         unknown = sorted(set(self.freeze) - set(PARTS))
         if unknown:
             raise ValueError(f"freeze: unknown parts {unknown}; choose from {list(PARTS)}")
         if not (self.data.finetune or self.data.jsonl or self.data.llava):
             raise ValueError("data: give at least one of finetune, jsonl, llava")
-        if self.latent_readout < 0:
-            raise ValueError(f"latent_readout must be >= 0, got {self.latent_readout}")
-        for name in ("max_steps", "save_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.data.image_size % 16 or self.data.image_size < 16:
-            raise ValueError(f"data.image_size must be a multiple of 16, got {self.data.image_size}")
+        for name in ("latent_readout", "t2i_weight", "i2t_weight", "seed"):
+            check_range(getattr(self, name), name, 0)
+        for name in ("max_steps", "save_every", "log_every", "keep_checkpoints"):
+            check_range(getattr(self, name), name, 1)
+        for name in ("model", "output_dir"):
+            check_prompt(getattr(self, name), name)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
@@ -98,8 +128,10 @@ class TrainConfig:
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
         try:
             data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as err:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
             raise ValueError(f"cannot read {path}: {err}") from err
+        except RecursionError:
+            raise ValueError(f"cannot read {path}: nested too deeply") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a mapping of settings")
         return cls.from_dict(data)

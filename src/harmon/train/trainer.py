@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import read_json, save_model
+from ..files import check_folder_path
 from ..hub import load_pretrained, load_tokenizer, resolve_model_folder
 from ..tokenizer import save_tokenizer
 from ..models.harmon import Harmon
@@ -303,8 +304,35 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> TrainResult:
         return _train(cfg, world, stop_after)
 
 
+# settings a resumed run may change: when to stop, to save and to log, where to run, compiling (which changes
+# losses by float rounding at most); any other change would make the run something else than it says
+RESUMABLE_CHANGES = ("max_steps", "save_every", "keep_checkpoints", "log_every", "tensorboard", "progress", "device",
+                     "compile")
+
+
+def check_resume_config(out: Path, cfg: TrainConfig) -> None:
+    """A run with a checkpoint in ``out`` resumes only with its own settings (but :data:`RESUMABLE_CHANGES`):
+    ``ValueError`` naming every setting that changed."""
+    saved_path = out / "train_config.json"
+    if _latest_name(out) is None or not saved_path.is_file():
+        return
+    saved = read_json(saved_path)
+    now = json.loads(json.dumps(cfg.to_dict()))  # tuples as JSON has them
+
+    def flat(d, prefix=""):
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(prefix + k, v)])}
+    old, new = flat(saved), flat(now)
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
+    if changed:
+        raise ValueError(f"{out} holds a run with other settings ({'; '.join(changed)}): resume it with its own "
+                         f"({saved_path}), or train into a new output_dir")
+
+
 def _train(cfg: TrainConfig, world: World, stop_after: int | None) -> TrainResult:
-    out = Path(cfg.output_dir)
+    out = check_folder_path(cfg.output_dir, "output_dir")
+    check_resume_config(out, cfg)
     model, tokenizer = load_pretrained(cfg.model, device=world.device)
     model = prepare_model(model, cfg)
     model.train()
