@@ -124,7 +124,7 @@ def test_bad_options(case, model_dir, tmp_path, capsys):
         "vae tile 1": (batch(model_dir, prompts, out, "--vae-tile", "1"), ["--vae-tile", "at least 2"]),
         "missing model": (["batch", str(prompts), "--out-dir", str(out), "--model", str(tmp_path / "nothing")],
                           ["model folder not found"]),
-        "out-dir is a file": (batch(model_dir, prompts, prompts), ["not a folder"]),
+        "out-dir is a file": (batch(model_dir, prompts, prompts), ["cannot be made a folder", "is a file"]),
     }[case]
     assert_user_error(main(argv), capsys, *words)
     assert not out.exists()

@@ -304,6 +304,8 @@ BAD_EDITS = [  # (changes to a good inpaint request, status, code, words in the 
     ({"image": data_url(Image.new("RGB", (600, 600)))}, 400, "image_too_large", "more than the 262144"),
     ({"mask": "data:image/png;base64,!!!!", "box": None}, 400, "invalid_image", "malformed"),
     ({"stream": True}, 400, "invalid_value", "stream is not supported"),
+    # a lone surrogate is valid JSON syntax but no text: the JSON parser refuses it before any handler
+    ({"prompt": "a \ud800 square"}, 400, "invalid_json", "not valid JSON"),
 ]
 
 

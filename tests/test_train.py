@@ -190,7 +190,7 @@ def test_latent_readout_trains_resumes_exactly_and_stays_out_of_the_export(datas
         assert a["t2i_readout"] == pytest.approx(b["t2i_readout"], rel=1e-6)
         assert a["t2i"] == pytest.approx(b["t2i"], rel=1e-6) and a["i2t"] == pytest.approx(b["i2t"], rel=1e-6)
     assert first.steps == 3 and set(load_model(full.final_dir).state_dict()) == set(load_model(TINY_FIXTURE).state_dict())
-    with pytest.raises(ValueError, match="latent_readout on"):
+    with pytest.raises(ValueError, match=r"other settings \(latent_readout: 1.0 -> 0.0\)"):
         train(config(dataset, tmp_path / "split", max_steps=6))  # a readout checkpoint resumed without it
     with pytest.raises(ValueError, match="latent_readout must be >= 0"):
         config(dataset, tmp_path, latent_readout=-1.0)

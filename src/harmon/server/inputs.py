@@ -17,7 +17,6 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..processing import load_image
-from ..validation import check_text
 from .errors import ApiError, validation_error
 
 MiB = 1024 * 1024
@@ -151,16 +150,8 @@ def _sampling_settings(req: _ImageBody, s: ServerSettings) -> tuple[float, int, 
     return float(guidance), num_iter, num_steps
 
 
-def _utf8(text: str, param: str) -> str:
-    """``text``, if it can be written as UTF-8 (JSON may carry lone surrogates such as \\ud800); else a 400."""
-    try:
-        return check_text(text, param)
-    except ValueError as err:
-        raise ApiError(400, str(err), param=param, code="invalid_value") from None
-
-
 def generation_params(req: ImageRequest, s: ServerSettings, stride: int = 16) -> GenerationParams:
-    prompt = _utf8(req.prompt, "prompt").strip()
+    prompt = req.prompt.strip()
     if not prompt:
         raise ApiError(400, "prompt is empty", param="prompt", code="invalid_value")
     if len(req.prompt) > s.max_prompt_chars:
@@ -260,7 +251,7 @@ def edit_params(req: EditRequest, s: ServerSettings, stride: int = 16) -> EditPa
     if not req.image:
         raise ApiError(400, "image is required: the image to edit as a data: URL (data:image/png;base64,...)",
                        param="image", code="image_required")
-    if req.prompt is None or not _utf8(req.prompt, "prompt").strip():
+    if req.prompt is None or not req.prompt.strip():
         raise ApiError(400, "prompt is empty", param="prompt", code="invalid_value")
     if len(req.prompt) > s.max_prompt_chars:
         raise ApiError(400, f"prompt is {len(req.prompt)} characters, at most {s.max_prompt_chars} are allowed",
@@ -324,11 +315,11 @@ def _text_of(content: str | list[ContentPart] | None, where: str) -> tuple[str, 
     if content is None:
         return "", []
     if isinstance(content, str):
-        return _utf8(content, "messages"), []
+        return content, []
     texts, urls = [], []
     for part in content:
         if part.type == "text":
-            texts.append(_utf8(part.text or "", "messages"))
+            texts.append(part.text or "")
         elif part.type == "image_url":
             url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
             if not url:
