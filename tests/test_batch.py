@@ -132,11 +132,11 @@ def test_bad_options(case, model_dir, tmp_path, capsys):
 
 def test_work_split_seeds_and_env(tmp_path):
     prompts = parse_prompts('["a", "b", "c"]')
-    items = work_items(prompts, tmp_path, seed=10, num_images=4, geneval=False)
+    items = work_items(prompts, tmp_path, seed=10, num_images=4)
     assert [(it.index, it.k, it.seed) for it in items[:6]] == [(0, 0, 10), (0, 1, 11), (0, 2, 12), (0, 3, 13),
                                                              (1, 0, 14), (1, 1, 15)]
     assert items[7].png.name == "00001_03.png" and items[7].meta.name == "00001_03.json"
-    geneval = work_items(prompts, tmp_path, seed=0, num_images=4, geneval=True)
+    geneval = work_items(prompts, tmp_path, seed=0, num_images=4, benchmark="geneval")
     assert geneval[5].png == tmp_path / "00001" / "samples" / "0001.png"
     for world in (1, 2, 3, 5):
         for size in (1, 3, 4):
@@ -193,7 +193,7 @@ def test_json_batch_files_metadata_and_pixels(model_dir, pipe, tmp_path, capsys)
                         "num_steps: 2 -> 3"),
                        (batch(model_dir, prompts, out, "--num-images", "3", "--seed", "5"), "num_images"),
                        (batch(model_dir, other, out, "--num-images", "2", "--seed", "5"), "prompts_sha256"),
-                       (batch(model_dir, prompts, out, "--num-images", "2", "--seed", "5", "--geneval"), "layout"),
+                       (batch(model_dir, prompts, out, "--num-images", "2", "--seed", "5", "--benchmark", "geneval"), "layout"),
                        (batch(model_dir, prompts, out, "--num-images", "2", "--seed", "5", "--fast"),
                         "fast: false -> true"),
                        (batch(model_dir, prompts, out, "--num-images", "2", "--seed", "5", "--vae-tile", "2"),
@@ -230,7 +230,7 @@ def test_fast_mode_and_vae_tiles_are_run_settings(model_dir, pipe, tmp_path):
 def test_geneval_layout_and_resume(model_dir, tmp_path, capsys):
     prompts = write(tmp_path / "evaluation_metadata.jsonl", "".join(json.dumps(r) + "\n" for r in GENEVAL))
     out = tmp_path / "geneval"
-    argv = batch(model_dir, prompts, out, "--geneval", "--num-images", "3", "--batch-size", "2")
+    argv = batch(model_dir, prompts, out, "--benchmark", "geneval", "--num-images", "3", "--batch-size", "2")
     assert main(argv) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("rank 0/1: 6 done, 0 skipped, 6 total")
     assert sorted(p.name for p in out.iterdir()) == ["00000", "00001", "run.json"]
@@ -365,3 +365,69 @@ def test_kill_and_resume(model_dir, tmp_path, ranks):
                 assert im.size == (64, 64) and im.text["seed"] == str(i * (n // 2) + k)
             assert json.loads(png.with_suffix(".json").read_text())["seed"] == i * (n // 2) + k
     assert len(list(out.glob("*.png"))) == n and not temp_files(out)
+
+
+# -- DPG-Bench and WISE: the layouts their official scorers read ---------------------------------------------
+def test_dpg_bench_grids_resume_and_refusals(model_dir, tmp_path, capsys, pipe):
+    prompts = tmp_path / "prompts"  # DPG-Bench's dpg_bench/prompts/: one <item_id>.txt per prompt
+    prompts.mkdir()
+    write(prompts / "partiprompts7.txt", "A red circle next to a blue square.\n")
+    write(prompts / "countbench3.txt", "Three green triangles.")
+    out = tmp_path / "dpg"
+    argv = batch(model_dir, prompts, out, "--benchmark", "dpg", "--num-images", "4", "--seed", "10")
+    assert main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("rank 0/1: 8 done, 0 skipped, 8 total")
+    # the scorer lists every file of its --image-root-path and takes the name before '.' as the item id
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["countbench3.png", "partiprompts7.png"]
+    for i, name, text in ((0, "countbench3", "Three green triangles."),
+                          (1, "partiprompts7", "A red circle next to a blue square.")):
+        grid = pixels(out / "images" / f"{name}.png")
+        assert grid.shape == (128, 128, 3)  # --resolution 64 --pic-num 4: crops (0,0), (64,0), (0,64), (64,64)
+        expected = pipe(text, num_images_per_prompt=4, seeds=[10 + 4 * i + k for k in range(4)], **GEN).images
+        for k, image in enumerate(expected):
+            col, row = k % 2, k // 2
+            crop = grid[row * 64:(row + 1) * 64, col * 64:(col + 1) * 64]
+            assert np.array_equal(crop, np.asarray(image)), (name, k)
+            assert np.array_equal(crop, pixels(out / "samples" / f"{name}_{k}.png"))
+
+    # a lost grid is made again from the finished images; an image drawn again remakes its grid
+    (out / "images" / "countbench3.png").unlink()
+    (out / "samples" / "partiprompts7_2.png").unlink()
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("rank 0/1: 1 done, 7 skipped")
+    assert sorted(Path(line).name for line in lines[:-1]) == ["countbench3.png", "partiprompts7.png",
+                                                              "partiprompts7_2.png"]
+
+    for extra, words in ((["--num-images", "2"], "4 images per prompt"), (["--batch-size", "6"], "multiple of 4")):
+        assert_user_error(main(batch(model_dir, prompts, tmp_path / "x", "--benchmark", "dpg", "--num-images", "4",
+                                     *extra)), capsys, "DPG-Bench", words)
+    assert_user_error(main(batch(model_dir, prompts / "countbench3.txt", tmp_path / "x", "--benchmark", "dpg",
+                                 "--num-images", "4")), capsys, "folder of <item_id>.txt files")
+    assert not (tmp_path / "x").exists()
+
+
+def test_wise_layout_and_refusals(model_dir, tmp_path, capsys, pipe):
+    items = [{"prompt_id": 1, "Prompt": "A traditional food of Japan", "Explanation": "sushi",
+              "Category": "Cultural knowledge", "Subcategory": "Festival"},
+             {"prompt_id": 2, "Prompt": "The animal that symbolises peace", "Explanation": "a dove",
+              "Category": "Cultural knowledge", "Subcategory": "Symbol"}]
+    prompts = write(tmp_path / "cultural_common_sense.json", json.dumps(items))
+    out = tmp_path / "wise"
+    assert main(batch(model_dir, prompts, out, "--benchmark", "wise", "--seed", "3", "--batch-size", "1")) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["1.png", "2.png"]  # gpt_eval.py: f"{prompt_id}.png"
+    for i, item in enumerate(items):
+        assert np.array_equal(pixels(out / "images" / f"{item['prompt_id']}.png"),
+                              np.asarray(pipe(item["Prompt"], seeds=[3 + i], **GEN).images[0]))
+        assert json.loads((out / "meta" / f"{item['prompt_id']}.json").read_text())["metadata"] == item
+
+    assert_user_error(main(batch(model_dir, prompts, tmp_path / "x", "--benchmark", "wise", "--num-images", "2")),
+                      capsys, "WISE scores one image per prompt")
+    for bad, words in (([{"prompt_id": 1, "prompt": "x"}], 'no "Prompt" key'),
+                       ([{"Prompt": "x"}], 'no "prompt_id" key'),
+                       ([{"prompt_id": "../up", "Prompt": "x"}], "cannot be a file name"),
+                       ([{"prompt_id": 4, "Prompt": "x"}, {"prompt_id": 4, "Prompt": "y"}], "both named '4'")):
+        write(prompts, json.dumps(bad))
+        assert_user_error(main(batch(model_dir, prompts, tmp_path / "x", "--benchmark", "wise")), capsys, words)
+    assert not (tmp_path / "x").exists()

@@ -1,4 +1,5 @@
-"""Many prompts -> many images: resumable, shardable across processes, GenEval's folder layout on request.
+"""Many prompts -> many images: resumable, shardable across processes, in the layouts of GenEval, DPG-Bench
+and WISE on request (what each benchmark's official scorer reads).
 
 ``harmon batch PROMPTS_FILE --model DIR --out-dir OUT`` calls :func:`run_batch`.
 
@@ -7,6 +8,9 @@ Prompts (:func:`load_prompts`)
     ``"tag"`` and ``"include"``, are kept), JSONL (one object or JSON string per line, blank
     lines skipped), or ``.txt`` (one prompt per non-blank line). ``.json`` files are read as
     JSON, ``.jsonl`` as JSONL, anything else by its first character (``[`` -> JSON list).
+    The benchmarks' own files: GenEval's ``evaluation_metadata.jsonl``; DPG-Bench's folder
+    ``prompts/`` of ``<item_id>.txt`` files (one prompt each, in name order); a WISE JSON file
+    (objects with ``"Prompt"`` and ``"prompt_id"``).
 
 Work items and seeds
     Prompt ``i`` (0-based, in file order) gets ``K = num_images`` images; image ``k`` of it is
@@ -21,6 +25,12 @@ Layout
     default:   ``OUT/<i:05d>_<k:02d>.png`` + ``OUT/<i:05d>_<k:02d>.json``
     GenEval:   ``OUT/<i:05d>/metadata.jsonl`` (the prompt's original JSON object, one line),
                ``OUT/<i:05d>/samples/<k:04d>.png``, ``OUT/<i:05d>/meta/<k:04d>.json``
+    DPG-Bench: ``OUT/images/<item_id>.png``: the 2x2 grid of the prompt's 4 images (image k at
+               column k % 2, row k // 2), the only files there, as ``compute_dpg_bench.py
+               --image-root-path OUT/images --pic-num 4 --resolution SIZE`` reads them; the images
+               themselves in ``OUT/samples/<item_id>_<k>.png`` + ``OUT/meta/<item_id>_<k>.json``
+    WISE:      ``OUT/images/<prompt_id>.png`` (one image per prompt, as ``gpt_eval.py --image_dir
+               OUT/images`` reads it) + ``OUT/meta/<prompt_id>.json``
     plus ``OUT/run.json``: the settings of the run. The PNGs carry prompt, seed and
     settings in their text chunks, as ``harmon generate`` writes them.
 
@@ -53,6 +63,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -92,6 +103,7 @@ class PromptRecord:
     prompt: str
     record: dict[str, Any]
     line: int | None = None
+    name: str | None = None  # the benchmark's name of the prompt (DPG-Bench item id, WISE prompt_id)
 
 
 def _kind(value: Any) -> str:
@@ -99,14 +111,15 @@ def _kind(value: Any) -> str:
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
 
-def _record(value: Any, index: int, where: str, source: str, line: int | None = None) -> PromptRecord:
+def _record(value: Any, index: int, where: str, source: str, line: int | None = None, *, key: str = "prompt",
+            name: str | None = None) -> PromptRecord:
     if isinstance(value, str):
-        prompt, record = value, {"prompt": value}
+        prompt, record = value, {key: value}
     elif isinstance(value, dict):
-        if "prompt" not in value:
-            raise PromptFileError(f"{source}: prompt {index} ({where}) has no \"prompt\" key "
+        if key not in value:
+            raise PromptFileError(f"{source}: prompt {index} ({where}) has no \"{key}\" key "
                                   f"(keys: {', '.join(map(str, value)) or 'none'})")
-        prompt, record = value["prompt"], dict(value)
+        prompt, record = value[key], dict(value)
         if not isinstance(prompt, str):
             raise PromptFileError(f"{source}: prompt {index} ({where}): \"prompt\" must be a string, "
                                   f"got {_kind(prompt)}")
@@ -117,11 +130,12 @@ def _record(value: Any, index: int, where: str, source: str, line: int | None = 
         check_prompt(prompt, f"{source}: prompt {index} ({where})")
     except ValueError as err:
         raise PromptFileError(str(err)) from None
-    return PromptRecord(index, prompt, record, line)
+    return PromptRecord(index, prompt, record, line, name)
 
 
-def parse_prompts(text: str, *, fmt: str = "auto", source: str = "prompts") -> list[PromptRecord]:
-    """Prompts from the text of a prompts file; ``fmt`` is ``json``, ``jsonl``, ``txt`` or ``auto``.
+def parse_prompts(text: str, *, fmt: str = "auto", source: str = "prompts", key: str = "prompt") -> list[PromptRecord]:
+    """Prompts from the text of a prompts file; ``fmt`` is ``json``, ``jsonl``, ``txt`` or ``auto``; objects
+    hold the prompt under ``key``.
 
     Raises :class:`PromptFileError` naming the line (JSONL, text), the line and column (JSON
     syntax) or the entry (JSON list) at fault.
@@ -142,7 +156,7 @@ def parse_prompts(text: str, *, fmt: str = "auto", source: str = "prompts") -> l
         if not isinstance(data, list):
             raise PromptFileError(f"{source}: expected a JSON list of prompts (strings or objects with a "
                                   f"\"prompt\" key), got {_kind(data)}")
-        records = [_record(value, i, f"entry {i}", source) for i, value in enumerate(data)]
+        records = [_record(value, i, f"entry {i}", source, key=key) for i, value in enumerate(data)]
     elif fmt == "jsonl":
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -154,7 +168,7 @@ def parse_prompts(text: str, *, fmt: str = "auto", source: str = "prompts") -> l
                                       f"{err.colno})") from None
             except RecursionError:
                 raise PromptFileError(f"{source}: line {number} is JSON nested too deeply to read") from None
-            records.append(_record(value, len(records), f"line {number}", source, number))
+            records.append(_record(value, len(records), f"line {number}", source, number, key=key))
     elif fmt == "txt":
         for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
@@ -166,19 +180,67 @@ def parse_prompts(text: str, *, fmt: str = "auto", source: str = "prompts") -> l
     return records
 
 
-def load_prompts(path: PathLike) -> list[PromptRecord]:
-    """Read a prompts file (``.json``, ``.jsonl``, ``.txt``; other names are sniffed)."""
+def load_prompts(path: PathLike, benchmark: str | None = None) -> list[PromptRecord]:
+    """Read a prompts file (``.json``, ``.jsonl``, ``.txt``; other names are sniffed), or a benchmark's:
+    ``benchmark="dpg"`` reads DPG-Bench's folder of ``.txt`` prompts, ``"wise"`` a WISE JSON file."""
     path = Path(path)
+    if benchmark == "dpg":
+        records = _dpg_prompts(path)
+    elif benchmark == "wise":
+        records = _wise_prompts(path, _read_text(path))
+    else:
+        suffix = path.suffix.lower()
+        fmt = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "txt"}.get(suffix, "auto")
+        return parse_prompts(_read_text(path), fmt=fmt, source=str(path))
+    _check_names(records, str(path))
+    return records
+
+
+def _read_text(path: Path) -> str:
     if not path.is_file():
         raise PromptFileError(f"prompts file not found: {path}" if not path.exists()
                               else f"prompts file is not a file: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise PromptFileError(f"{path}: not UTF-8 text (byte {err.start})") from None
-    suffix = path.suffix.lower()
-    fmt = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "txt"}.get(suffix, "auto")
-    return parse_prompts(text, fmt=fmt, source=str(path))
+
+
+def _dpg_prompts(folder: Path) -> list[PromptRecord]:
+    """DPG-Bench's ``prompts/`` folder: one ``<item_id>.txt`` per prompt, taken in name order."""
+    if not folder.is_dir():
+        raise PromptFileError(f"DPG-Bench prompts must be its folder of <item_id>.txt files (dpg_bench/prompts), "
+                              f"got {folder}")
+    files = sorted(folder.glob("*.txt"))
+    if not files:
+        raise PromptFileError(f"{folder}: no .txt prompt files")
+    return [_record(_read_text(f).strip(), i, f.name, str(folder), name=f.stem) for i, f in enumerate(files)]
+
+
+def _wise_prompts(path: Path, text: str) -> list[PromptRecord]:
+    """A WISE prompts file: a JSON list of objects with ``"Prompt"`` and ``"prompt_id"``."""
+    data = parse_prompts(text, fmt="json", source=str(path), key="Prompt")
+    records = []
+    for r in data:
+        if "prompt_id" not in r.record:
+            raise PromptFileError(f"{path}: prompt {r.index} (entry {r.index}) has no \"prompt_id\" key")
+        records.append(PromptRecord(r.index, r.prompt, r.record, r.line, str(r.record["prompt_id"])))
+    return records
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _check_names(records: Sequence[PromptRecord], source: str) -> None:
+    """Benchmark names become file names: plain, and each used once."""
+    seen: dict[str, int] = {}
+    for r in records:
+        if not _SAFE_NAME.match(r.name or ""):
+            raise PromptFileError(f"{source}: prompt {r.index} is named {r.name!r}, which cannot be a file name "
+                                  "(letters, digits, '.', '_', '-')")
+        if r.name in seen:
+            raise PromptFileError(f"{source}: prompts {seen[r.name]} and {r.index} are both named {r.name!r}")
+        seen[r.name] = r.index
 
 
 # -- sharding ---------------------------------------------------------------------------------------
@@ -222,21 +284,45 @@ class Item:
     meta: Path
 
 
-def item_paths(out_dir: Path, index: int, k: int, geneval: bool) -> tuple[Path, Path]:
-    """(png, sidecar json) of image ``k`` of prompt ``index``."""
-    if geneval:
-        folder = out_dir / f"{index:05d}"
+BENCHMARKS = ("geneval", "dpg", "wise")
+
+
+def item_paths(out_dir: Path, prompt: PromptRecord, k: int, benchmark: str | None) -> tuple[Path, Path]:
+    """(png, sidecar json) of image ``k`` of ``prompt`` in the layout of ``benchmark`` (None: ours)."""
+    i = prompt.index
+    if benchmark == "geneval":
+        folder = out_dir / f"{i:05d}"
         return folder / "samples" / f"{k:04d}.png", folder / "meta" / f"{k:04d}.json"
-    return out_dir / f"{index:05d}_{k:02d}.png", out_dir / f"{index:05d}_{k:02d}.json"
+    if benchmark == "dpg":
+        return out_dir / "samples" / f"{prompt.name}_{k}.png", out_dir / "meta" / f"{prompt.name}_{k}.json"
+    if benchmark == "wise":
+        return out_dir / "images" / f"{prompt.name}.png", out_dir / "meta" / f"{prompt.name}.json"
+    return out_dir / f"{i:05d}_{k:02d}.png", out_dir / f"{i:05d}_{k:02d}.json"
+
+
+def dpg_grid_path(out_dir: Path, prompt: PromptRecord) -> Path:
+    """Where DPG-Bench's scorer reads the 2x2 grid of a prompt's four images."""
+    return out_dir / "images" / f"{prompt.name}.png"
+
+
+def check_benchmark(benchmark: str | None, num_images: int, batch_size: int) -> None:
+    """The images per prompt and batch size a benchmark's layout needs."""
+    if benchmark is not None and benchmark not in BENCHMARKS:
+        raise BatchError(f"benchmark must be one of {', '.join(BENCHMARKS)}, got {benchmark!r}")
+    if benchmark == "dpg" and (num_images != 4 or batch_size % 4):
+        raise BatchError("DPG-Bench scores a 2x2 grid of 4 images per prompt: use 4 images per prompt and a batch "
+                         f"size that is a multiple of 4 (got {num_images} and {batch_size})")
+    if benchmark == "wise" and num_images != 1:
+        raise BatchError(f"WISE scores one image per prompt (<prompt_id>.png): use 1 image per prompt, got {num_images}")
 
 
 def work_items(prompts: Sequence[PromptRecord], out_dir: Path, *, seed: int, num_images: int,
-               geneval: bool) -> list[Item]:
+               benchmark: str | None = None) -> list[Item]:
     items = []
     for p in prompts:
         for k in range(num_images):
             number = p.index * num_images + k
-            items.append(Item(p.index, k, number, seed + number, *item_paths(out_dir, p.index, k, geneval)))
+            items.append(Item(p.index, k, number, seed + number, *item_paths(out_dir, p, k, benchmark)))
     return items
 
 
@@ -478,7 +564,7 @@ def _print_line(text: str) -> None:
 
 
 def run_batch(prompts: PathLike | Sequence[PromptRecord], model: PathLike, out_dir: PathLike, *, seed: int = 0,
-              num_images: int = 1, batch_size: int = 4, geneval: bool = False, cfg: float = 3.0,
+              num_images: int = 1, batch_size: int = 4, benchmark: str | None = None, cfg: float = 3.0,
               cfg_schedule: str = "constant", temperature: float = 1.0, num_iter: int | None = None,
               num_steps: int | None = None, fast: bool = False, height: int | None = None, width: int | None = None,
               vae_tile: int | None = None, device: str = "auto", dtype: str = "auto", compile: bool = False,
@@ -486,8 +572,9 @@ def run_batch(prompts: PathLike | Sequence[PromptRecord], model: PathLike, out_d
               ) -> BatchSummary:
     """Generate this rank's share of the images of ``prompts`` into ``out_dir`` (see the module docstring).
 
-    ``prompts``: a prompts file or :func:`load_prompts`'s records; ``model``: a model folder (or a cached
-    Hugging Face repo id). ``fast`` and ``vae_tile`` mean what they mean to
+    ``prompts``: a prompts file (a benchmark's: see :func:`load_prompts`) or :func:`load_prompts`'s records;
+    ``model``: a model folder (or a Hugging Face repo id); ``benchmark``: one of :data:`BENCHMARKS`, whose
+    official scorer reads the layout written (None: ours). ``fast`` and ``vae_tile`` mean what they mean to
     :class:`~harmon.pipelines.TextToImagePipeline`; ``compile`` calls
     :meth:`~harmon.models.harmon.Harmon.compile_for_sampling` (like ``batch_size``, not a setting of the
     run: it changes outputs only by float rounding). ``shard`` defaults to :func:`shard_from_env`. ``log``
@@ -499,7 +586,7 @@ def run_batch(prompts: PathLike | Sequence[PromptRecord], model: PathLike, out_d
     from .processing import check_image_size
 
     emit = log if log is not None else _print_line
-    records = list(prompts) if not isinstance(prompts, (str, os.PathLike)) else load_prompts(prompts)
+    records = list(prompts) if not isinstance(prompts, (str, os.PathLike)) else load_prompts(prompts, benchmark)
     if not records:
         raise BatchError("no prompts given")
     if [p.index for p in records] != list(range(len(records))):
@@ -510,6 +597,7 @@ def run_batch(prompts: PathLike | Sequence[PromptRecord], model: PathLike, out_d
     width = height if width is None else width
     num_iter = iteration_schedule(config.num_iter, num_iter, num_steps, fast)[0]  # steps: the pipeline's
     _check_options(num_images, batch_size, seed, cfg, cfg_schedule, temperature, num_iter, num_steps, vae_tile)
+    check_benchmark(benchmark, num_images, batch_size)
     _check_prompt_lengths(records, folder, config, check_image_size(height, width, config.mar.vae_stride))
     shard = shard if shard is not None else shard_from_env()
     torch_device = _device_for(device, shard)
@@ -522,7 +610,7 @@ def run_batch(prompts: PathLike | Sequence[PromptRecord], model: PathLike, out_d
     settings = {
         "model": config.name, "model_fingerprint": model_fingerprint(folder),
         "prompts": len(records), "prompts_sha256": prompts_digest(records),
-        "seed": seed, "num_images": num_images, "layout": "geneval" if geneval else "default",
+        "seed": seed, "num_images": num_images, "layout": benchmark or "default",
         "height": height, "width": width, "cfg": float(cfg), "cfg_schedule": cfg_schedule,
         "temperature": float(temperature), "num_iter": num_iter, "num_steps": num_steps, "fast": bool(fast),
         "vae_tile": vae_tile, "dtype": str(torch_dtype).split(".")[-1],
@@ -537,11 +625,11 @@ def run_batch(prompts: PathLike | Sequence[PromptRecord], model: PathLike, out_d
     if shard.rank == 0:
         _remove_old_run_temps(out)
 
-    items = work_items(records, out, seed=seed, num_images=num_images, geneval=geneval)
+    items = work_items(records, out, seed=seed, num_images=num_images, benchmark=benchmark)
     mine = blocks_for_rank(items, batch_size, shard)
     summary = BatchSummary(shard.rank, shard.world_size, mine=sum(len(b) for b in mine), total=len(items),
                            out_dir=out)
-    _prepare_folders(out, records, mine, num_images, geneval)
+    _prepare_folders(out, records, mine, benchmark)
 
     todo: list[tuple[list[Item], list[Item]]] = []
     for block in mine:
@@ -554,8 +642,39 @@ def run_batch(prompts: PathLike | Sequence[PromptRecord], model: PathLike, out_d
                   dict(guidance_scale=float(cfg), cfg_schedule=cfg_schedule, temperature=float(temperature),
                        num_iter=num_iter, num_steps=num_steps, fast=bool(fast), height=height, width=width,
                        vae_tile=vae_tile))
+    if benchmark == "dpg":
+        _write_dpg_grids(out, records, mine, settings, summary, emit)
     emit(summary.line())
     return summary
+
+
+def _write_dpg_grids(out: Path, records: Sequence[PromptRecord], mine: list[list[Item]], settings, summary,
+                     emit) -> None:
+    """DPG-Bench's 2x2 grid of each of this rank's prompts whose four images are done (image k at column
+    k % 2, row k // 2), written when missing or when one of its images was drawn in this run."""
+    from PIL import Image
+
+    by_prompt: dict[int, list[Item]] = {}
+    for block in mine:  # a batch size that is a multiple of 4 keeps a prompt's images in one block
+        for it in block:
+            by_prompt.setdefault(it.index, []).append(it)
+    fresh = set(summary.written)
+    for index, items in by_prompt.items():
+        prompt = records[index]
+        grid = dpg_grid_path(out, prompt)
+        if not all(item_done(it, prompt.prompt, settings) for it in items):
+            continue
+        if png_complete(grid) and not fresh & {it.png for it in items}:
+            continue
+        tiles = [Image.open(it.png).convert("RGB") for it in sorted(items, key=lambda it: it.k)]
+        w, h = tiles[0].size
+        canvas = Image.new("RGB", (2 * w, 2 * h))
+        for k, tile in enumerate(tiles):
+            canvas.paste(tile, ((k % 2) * w, (k // 2) * h))
+        text = {"prompt": prompt.prompt, "seeds": ",".join(str(it.seed) for it in items), "model": settings["model"],
+                "layout": "dpg 2x2 grid"}
+        write_atomic(grid, png_bytes(canvas, text))
+        emit(str(grid))
 
 
 def _remove_old_run_temps(out: Path) -> None:
@@ -569,14 +688,19 @@ def _remove_old_run_temps(out: Path) -> None:
                 pass
 
 
-def _prepare_folders(out: Path, records: Sequence[PromptRecord], mine: list[list[Item]], num_images: int,
-                     geneval: bool) -> None:
-    """Create this rank's folders, remove stale temporary files of its items, write GenEval's metadata.jsonl."""
+def _prepare_folders(out: Path, records: Sequence[PromptRecord], mine: list[list[Item]],
+                     benchmark: str | None) -> None:
+    """Create this rank's folders, remove stale temporary files of its items (and DPG-Bench grids), write
+    GenEval's metadata.jsonl."""
     owned: dict[Path, set[str]] = {}
     for block in mine:
         for it in block:
             owned.setdefault(it.png.parent, set()).add(it.png.name)
             owned.setdefault(it.meta.parent, set()).add(it.meta.name)
+            if benchmark == "dpg":
+                grid = dpg_grid_path(out, records[it.index])
+                owned.setdefault(grid.parent, set()).add(grid.name)
+    geneval = benchmark == "geneval"
     if geneval:
         for block in mine:
             for it in block:

@@ -307,7 +307,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     folder = _model_folder(args)
     height, width = _image_shape(args, read_config(folder))
     run_batch(args.prompts_file, folder, args.out_dir, seed=args.seed, num_images=args.num_images,
-              batch_size=args.batch_size, geneval=args.geneval, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
+              batch_size=args.batch_size, benchmark=args.benchmark, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
               temperature=args.temperature, num_iter=args.num_iter, num_steps=args.num_steps, fast=args.fast,
               height=height, width=width, vae_tile=args.vae_tile, device=args.device, dtype=args.dtype,
               compile=args.compile, progress=not args.quiet)
@@ -667,15 +667,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("batch", help="draw images for every prompt of a JSON/JSONL file (resumable, torchrun)",
                        description="Generate NUM_IMAGES images per prompt of PROMPTS_FILE (a JSON list of strings "
                        "or objects with \"prompt\", or JSONL: one object or string per line) into OUT: "
-                       "OUT/<i:05d>_<k:02d>.png + .json sidecar, or with --geneval GenEval's "
-                       "OUT/<i:05d>/metadata.jsonl and samples/<k:04d>.png. Image k of prompt i uses seed "
+                       "OUT/<i:05d>_<k:02d>.png + .json sidecar, or, with --benchmark, what that benchmark's "
+                       "official scorer reads: GenEval's OUT/<i:05d>/metadata.jsonl and samples/<k:04d>.png; "
+                       "DPG-Bench's 2x2 grids OUT/images/<item_id>.png (PROMPTS_FILE: its prompts/ folder); "
+                       "WISE's OUT/images/<prompt_id>.png (PROMPTS_FILE: one of its data/*.json). Image k of "
+                       "prompt i uses seed "
                        "S + i*NUM_IMAGES + k. Rerunning the same command skips finished images; other settings "
                        "into the same OUT are refused (OUT/run.json). Under `torchrun --nproc_per_node N` each "
                        "rank takes a disjoint share.", formatter_class=fmt)
-    p.add_argument("prompts_file", metavar="PROMPTS_FILE", help="prompts: .json list, .jsonl, or .txt (one per line)")
+    p.add_argument("prompts_file", metavar="PROMPTS_FILE",
+                   help="prompts: .json list, .jsonl, or .txt (one per line); or a benchmark's (see --benchmark)")
     _add_model_options(p)
     p.add_argument("--out-dir", required=True, metavar="DIR", help="output folder (resumable)")
-    p.add_argument("--geneval", action="store_true", help="GenEval's folder layout (use with --num-images 4)")
+    p.add_argument("--benchmark", choices=["geneval", "dpg", "wise"], default=None,
+                   help="write the layout the benchmark's scorer reads (GenEval: --num-images 4; DPG-Bench: 4, "
+                   "grids of 2x2; WISE: 1)")
     p.add_argument("--num-images", type=int, default=1, metavar="K", help="images per prompt")
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seed of image 0 of prompt 0; image k of prompt i gets S + i*K + k (default: 0)")
