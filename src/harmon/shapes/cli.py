@@ -60,7 +60,27 @@ def add_eval_parser(subparsers, formatter_class=argparse.HelpFormatter) -> argpa
                    "(the loss of the same tokens with 0/30/60/90%% of the others visible; OUT/context.json)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_eval_shapes)
+
+    t = sub.add_parser("shapes-task", help="write the shapes understanding questions as an lmms-eval task",
+                       description="Write the questions `harmon eval shapes` asks (same scenes and seed) as a local "
+                       "lmms-eval task (harmon_shapes_qa), to run with `lmms-eval --model harmon --tasks "
+                       "harmon_shapes_qa --include_path OUT`: it must report the accuracy `harmon eval shapes` does.",
+                       formatter_class=formatter_class)
+    t.add_argument("--out", required=True, metavar="DIR", help="task folder to write")
+    t.add_argument("--scenes", type=int, default=200, metavar="N", help="understanding scenes")
+    t.add_argument("--seed", type=int, default=DEFAULT_EVAL_SEED, metavar="S", help="seed of the scenes")
+    t.add_argument("--size", type=int, default=world.DEFAULT_SIZE, metavar="PX", help="image side")
+    t.set_defaults(func=cmd_eval_shapes_task)
     return p
+
+
+def cmd_eval_shapes_task(args: argparse.Namespace) -> int:
+    """Write the lmms-eval task of the shapes understanding questions."""
+    from .lmms_task import TASK_NAME, write_task
+
+    folder = write_task(args.out, args.scenes, args.seed, args.size)
+    print(f"wrote the lmms-eval task {TASK_NAME} to {folder} (--include_path {folder})")
+    return 0
 
 
 def cmd_eval_shapes(args: argparse.Namespace) -> int:

@@ -385,23 +385,11 @@ def evaluate_model(model, tokenizer, n_prompts: int = 200, seed: int = DEFAULT_E
         n_scenes = n_prompts if n_scenes is None else n_scenes
         describe_pipe = ImageToTextPipeline(model, tokenizer, image_size=image_size)
         items = []
-        for j in range(n_scenes):
-            rng = world.make_rng(seed, "eval_scenes", j)
-            scene = world.sample_scene(world.CATEGORIES[j % len(world.CATEGORIES)], rng, image_size)
-            image = world.render(scene)
-            kind = world.scene_kind(scene.objects)
+        for j, image, scene_questions in understanding_scenes(n_scenes, seed, image_size):
             embeds = describe_pipe.image_embeds(image)  # encoded once, shared by the scene's questions
-            by_type: dict[str, list[dict[str, Any]]] = {}
-            for q in world.questions(scene.objects, rng):
-                by_type.setdefault(q["type"], []).append(q)
-            for qtype in world.QUESTION_TYPES:
-                if qtype not in by_type:
-                    continue
-                q = by_type[qtype][int(rng.integers(len(by_type[qtype])))]
+            for q in scene_questions:
                 predicted = _answer(describe_pipe, embeds, q["question"], max_new_tokens)
-                ok = answer_correct(predicted, q["answer"])
-                items.append({"scene": j, "scene_kind": kind, "type": qtype, "question": q["question"],
-                              "expected": q["answer"], "predicted": predicted, "correct": ok})
+                items.append({**q, "predicted": predicted, "correct": answer_correct(predicted, q["expected"])})
         types, oks = [i["type"] for i in items], [i["correct"] for i in items]
         und = summarize_answers(types, oks)
         und["by_scene_kind"] = summarize_by_scene_kind([i["scene_kind"] for i in items], types, oks)
@@ -417,6 +405,28 @@ def evaluate_model(model, tokenizer, n_prompts: int = 200, seed: int = DEFAULT_E
             json.dump(results, fh, indent=1)
             fh.write("\n")
     return results
+
+
+def understanding_scenes(n_scenes: int, seed: int = DEFAULT_EVAL_SEED, image_size: int = world.DEFAULT_SIZE):
+    """The understanding evaluation's scenes: ``(j, image, questions)`` for scene j of the ``eval_scenes``
+    stream, with one question of each applicable type (dicts of ``scene``, ``scene_kind``, ``type``,
+    ``question``, ``expected``). The same stream feeds ``harmon eval shapes`` and the lmms-eval task
+    :func:`harmon.evals.shapes_task.write_task` writes."""
+    for j in range(n_scenes):
+        rng = world.make_rng(seed, "eval_scenes", j)
+        scene = world.sample_scene(world.CATEGORIES[j % len(world.CATEGORIES)], rng, image_size)
+        image = world.render(scene)
+        kind = world.scene_kind(scene.objects)
+        by_type: dict[str, list[dict[str, Any]]] = {}
+        for q in world.questions(scene.objects, rng):
+            by_type.setdefault(q["type"], []).append(q)
+        chosen = []
+        for qtype in world.QUESTION_TYPES:
+            if qtype in by_type:
+                q = by_type[qtype][int(rng.integers(len(by_type[qtype])))]
+                chosen.append({"scene": j, "scene_kind": kind, "type": qtype, "question": q["question"],
+                               "expected": q["answer"]})
+        yield j, image, chosen
 
 
 def _answer(pipe, image_embeds, question: str, max_new_tokens: int) -> str:
