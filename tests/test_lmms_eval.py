@@ -58,3 +58,65 @@ def test_unknown_model_args_are_refused(tmp_path):
                            "--include_path", str(task), "--output_path", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=600, env=env)
     assert "model_args not understood: ['pretrainde']" in done.stdout + done.stderr
+
+
+# a POPE task pointed at local files in POPE's own format (the dataset's columns, its images as an Image
+# feature, lmms-eval's own pope.yaml and utils included): the harness's prompt, parsing and metrics, not ours
+BUILD_PARQUET = r"""
+import json, sys
+from datasets import Dataset, Features, Image, Value
+rows = json.loads(sys.stdin.read())
+columns = ["question_id", "question", "answer", "image", "image_source", "category"]
+features = Features({c: Image() if c == "image" else Value("string") for c in columns})
+Dataset.from_dict({c: [r[c] for r in rows] for c in columns}, features=features).to_parquet(sys.argv[1])
+import lmms_eval, pathlib
+print(pathlib.Path(lmms_eval.__file__).parent / "tasks" / "pope" / "pope.yaml")
+"""
+
+
+def test_pope_in_its_own_format_through_lmms_eval(tmp_path):
+    from harmon.pipelines import ImageToTextPipeline
+    from harmon.shapes.evaluate import understanding_scenes
+
+    rows, images = [], tmp_path / "images"
+    images.mkdir()
+    for j, image, questions in understanding_scenes(40):
+        for q in questions:
+            if q["type"] == "position":  # the shapes world's yes/no questions
+                image.save(images / f"{j}.png")
+                rows.append({"question_id": str(len(rows)), "question": q["question"], "answer": q["expected"],
+                             "image": str(images / f"{j}.png"), "image_source": f"shapes_{j}", "category": "shapes"})
+    assert {r["answer"] for r in rows} == {"yes", "no"}
+    python = LMMS_EVAL.parent / "python"
+    built = subprocess.run([str(python), "-c", BUILD_PARQUET, str(tmp_path / "pope.parquet")], input=json.dumps(rows),
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    pope_yaml = built.stdout.strip().splitlines()[-1]
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "harmon_local_pope.yaml").write_text(
+        f"include: {pope_yaml}\ntask: harmon_local_pope\noutput_type: generate_until\ndataset_path: parquet\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'pope.parquet'}\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    done = subprocess.run([str(LMMS_EVAL), "--model", "harmon", "--model_args", "device=cpu,dtype=float32,image_size=64",
+                           "--tasks", "harmon_local_pope", "--include_path", str(task), "--batch_size", "4",
+                           "--output_path",
+                           str(tmp_path / "out"), "--log_samples"], capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    results = json.loads(next((tmp_path / "out").rglob("*_results.json")).read_text())["results"]["harmon_local_pope"]
+    samples = [json.loads(line) for line in
+               next((tmp_path / "out").rglob("*_samples_harmon_local_pope.jsonl")).read_text().splitlines()]
+
+    # the answers (drawn 4 at a time) are the pipeline's to POPE's prompt (its post_prompt appended), each asked
+    # alone; the accuracy is POPE's
+    pipe = ImageToTextPipeline.from_pretrained(None, image_size=64)
+    correct = 0
+    for sample in sorted(samples, key=lambda s: s["doc_id"]):
+        row = rows[sample["doc_id"]]
+        assert sample["input"] == row["question"] + "\nAnswer the question using a single word or phrase."
+        answer = pipe(row["image"], sample["input"], max_new_tokens=128)
+        assert sample["filtered_resps"] == answer.strip()  # lmms-eval strips the response
+        correct += answer.lower().strip() == row["answer"]
+    assert len(samples) == len(rows) >= 10
+    assert results["pope_accuracy,none"] == pytest.approx(correct / len(rows))
+    assert {"pope_precision,none", "pope_recall,none", "pope_f1_score,none"} <= set(results)

@@ -145,3 +145,24 @@ def test_fast_mode_and_step_schedules(t2i):
     assert listed.settings["num_steps"] == "4,3,2"
     with pytest.raises(ValueError, match="3 diffusion step counts for 2"):
         t2i("a red circle", seeds=[1], num_iter=2, num_steps=[4, 3, 2], height=64, progress=False)
+
+
+def test_answers_drawn_together_are_those_drawn_alone():
+    """answer_batch (left-padded prompts of different lengths, one LLM batch) on the shipped model, which
+    answers shapes questions with words of its own: the same answer as each question asked alone."""
+    from harmon.shapes.evaluate import understanding_scenes
+
+    pipe = ImageToTextPipeline.from_pretrained(None, image_size=64)
+    images, questions = [], []
+    for _, image, scene_questions in understanding_scenes(4):
+        for q in scene_questions:
+            images.append(image)
+            questions.append(q["question"])
+    assert len({len(q) for q in questions}) > 3  # prompts of several lengths: the left padding is exercised
+    alone = [pipe(image, question, max_new_tokens=24) for image, question in zip(images, questions)]
+    together = pipe.answer_batch(images, questions, max_new_tokens=24)
+    assert together == alone and len(set(alone)) > 3
+    short = pipe.answer_batch(images[:3], questions[:3], max_new_tokens=1)  # one token at most, each
+    assert all(len(pipe.tokenizer.encode(a, add_special_tokens=False)) <= 1 for a in short)
+    with pytest.raises(ValueError, match="one question per image"):
+        pipe.answer_batch(images[:2], questions[:1])

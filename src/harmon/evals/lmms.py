@@ -11,8 +11,9 @@ reads; default the shipped shapes model), ``device`` and ``dtype`` (names, ``aut
 Each request is answered as the original ``image2text.py`` answers: the image padded to a square with grey
 and resized, ``"<image>\\n" + question`` in Harmon's chat template, greedy decoding; lmms-eval's ``until``
 strings cut the answer, its ``max_new_tokens`` bounds it. Harmon reads one image: a document with several
-(a few of MMMU's) is answered about its first, and their number is logged. Requests are answered one after
-another (``batch_size`` is accepted and not used: an answer never depends on the others of its batch).
+(a few of MMMU's) is answered about its first, and their number is logged. ``batch_size`` requests (of the
+same ``max_new_tokens``) are answered together (:meth:`~harmon.pipelines.ImageToTextPipeline.answer_batch`):
+each answer is the one it gets alone, up to float rounding.
 
 This module imports lmms-eval; nothing else in harmon does.
 """
@@ -49,6 +50,8 @@ class HarmonLMM(lmms):
         self.pipe = ImageToTextPipeline.from_pretrained(pretrained or None, device=device or "auto", dtype=dtype,
                                                         image_size=size)
         self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"harmon: batch_size must be >= 1, got {batch_size}")
 
     @property
     def device(self):
@@ -56,16 +59,24 @@ class HarmonLMM(lmms):
 
     def generate_until(self, requests) -> list[str]:
         answers, several_images = [], 0
-        for request in tqdm(requests, desc="harmon answers", disable=self.rank != 0):
-            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
-            visuals = [v for v in doc_to_visual(self.task_dict[task][split][doc_id]) if v is not None]
-            if not visuals:
-                raise ValueError(f"{task} document {doc_id} has no image; Harmon answers about an image")
-            several_images += len(visuals) > 1
-            answer = self.pipe(visuals[0].convert("RGB"), context,
-                               max_new_tokens=int(gen_kwargs.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)))
-            answers.append(_cut(answer, gen_kwargs.get("until")))
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), answers[-1])
+        bar = tqdm(total=len(requests), desc="harmon answers", disable=self.rank != 0)
+        for chunk in _chunks(requests, self.batch_size):
+            images, contexts = [], []
+            for request in chunk:
+                context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+                visuals = [v for v in doc_to_visual(self.task_dict[task][split][doc_id]) if v is not None]
+                if not visuals:
+                    raise ValueError(f"{task} document {doc_id} has no image; Harmon answers about an image")
+                several_images += len(visuals) > 1
+                images.append(visuals[0].convert("RGB"))
+                contexts.append(context)
+            drawn = self.pipe.answer_batch(images, contexts, max_new_tokens=_max_new_tokens(chunk[0]))
+            for request, answer in zip(chunk, drawn):
+                context, gen_kwargs = request.args[:2]
+                answers.append(_cut(answer, gen_kwargs.get("until")))
+                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), answers[-1])
+            bar.update(len(chunk))
+        bar.close()
         if several_images:
             log.warning("%d of %d documents had several images; Harmon answered about the first of each",
                         several_images, len(requests))
@@ -77,6 +88,22 @@ class HarmonLMM(lmms):
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("harmon does not run multi-round lmms-eval tasks")
+
+
+def _max_new_tokens(request) -> int:
+    return int(request.args[1].get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+
+
+def _chunks(requests, size: int):
+    """Consecutive requests, at most ``size`` together, of one ``max_new_tokens`` each."""
+    chunk: list = []
+    for request in requests:
+        if chunk and (len(chunk) == size or _max_new_tokens(request) != _max_new_tokens(chunk[0])):
+            yield chunk
+            chunk = []
+        chunk.append(request)
+    if chunk:
+        yield chunk
 
 
 def _cut(text: str, until: str | list[str] | None) -> str:

@@ -50,6 +50,44 @@ def decode_tokens(model: Harmon, inputs_embeds: torch.Tensor, stop_ids: set[int]
         out = llm(input_ids=torch.tensor([[token]], device=inputs_embeds.device), cache=cache, use_cache=True)
 
 
+@torch.no_grad()
+def batched_greedy(model: Harmon, prompts: Sequence[torch.Tensor], stop_ids: set[int], max_new_tokens: int
+                   ) -> list[list[int]]:
+    """Greedy continuations of several prompt embeddings (T_i, H) at once, left-padded into one batch; each row
+    ends at a stop id (left out) or after ``max_new_tokens``. The batch's shape changes the numbers by float
+    rounding only, so a row's tokens are those :func:`decode_tokens` gives it alone, but for near ties."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    llm = model.llm
+    width = max(p.shape[0] for p in prompts)
+    embeds = prompts[0].new_zeros(len(prompts), width, prompts[0].shape[-1])  # (B, T, H)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long, device=embeds.device)  # (B, T)
+    for i, p in enumerate(prompts):
+        embeds[i, width - p.shape[0]:] = p
+        mask[i, width - p.shape[0]:] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    cache = DynamicCache(config=llm.config)
+    out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+              logits_to_keep=1)
+    answers: list[list[int]] = [[] for _ in prompts]
+    running = torch.ones(len(prompts), dtype=torch.bool)
+    limit = int(llm.config.max_position_embeddings)
+    for _ in range(min(max_new_tokens, limit - width)):
+        tokens = out.logits[:, -1].float().argmax(-1).cpu()  # (B,)
+        for i in running.nonzero().flatten().tolist():
+            if int(tokens[i]) in stop_ids:
+                running[i] = False
+            else:
+                answers[i].append(int(tokens[i]))
+        if not running.any():
+            break
+        mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        out = llm(input_ids=tokens.unsqueeze(1).to(embeds.device), attention_mask=mask, position_ids=positions,
+                  cache=cache, use_cache=True)
+    return answers
+
+
 def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
             generator: torch.Generator) -> int:
     if not do_sample:
@@ -88,12 +126,16 @@ class ImageToTextPipeline:
         return cls(*load_pretrained(name_or_path, device=device, dtype=dtype), image_size=image_size)
 
     # -- inputs ----------------------------------------------------------------------------------
-    @torch.no_grad()
     def image_embeds(self, image: str | Image.Image) -> torch.Tensor:
         """One image -> its visual embeddings (1, (size/16)^2 + buffer, H): image tokens, then the buffer."""
+        return self.images_embeds([image])
+
+    @torch.no_grad()
+    def images_embeds(self, images: Sequence[str | Image.Image]) -> torch.Tensor:
+        """Images -> their visual embeddings (B, (size/16)^2 + buffer, H), in one pass of the VAE and MAR."""
         config = self.model.config
         check_understanding_size(self.image_size, config.mar.vae_stride, config.mar.buffer_size, config.max_positions)
-        pixels = understanding_input(load_image(image), self.image_size)
+        pixels = torch.cat([understanding_input(load_image(image), self.image_size) for image in images])
         latents = self.model.encode(pixels.to(device=self.model.device, dtype=self.model.dtype))
         return self.model.extract_visual_feature(latents)[1]
 
@@ -117,6 +159,22 @@ class ImageToTextPipeline:
         check_prompt(question, "the question")
         embeds = self.prompt_embeds(chat_prompt(f"{IMAGE_TOKEN}\n{question}"), self.image_embeds(image))
         yield from self.decode_text(self.generate_ids(embeds, **decode))
+
+    @torch.no_grad()
+    def answer_batch(self, images: Sequence[str | Image.Image], questions: Sequence[str], *,
+                     max_new_tokens: int = 1024) -> list[str]:
+        """Greedy answers to ``questions[i]`` about ``images[i]``, drawn together: the images encoded in one pass,
+        the prompts left-padded into one batch of the LLM. Each answer is what ``pipe(images[i], questions[i])``
+        gives, up to float rounding (batch-shaped kernels)."""
+        if len(images) != len(questions) or not images:
+            raise ValueError(f"{len(images)} images for {len(questions)} questions: give one question per image")
+        for question in questions:
+            check_prompt(question, "the question")
+        visual = self.images_embeds(images)  # (B, N, H)
+        rows = [self.prompt_embeds(chat_prompt(f"{IMAGE_TOKEN}\n{q}"), visual[i:i + 1])[0]
+                for i, q in enumerate(questions)]  # (T_i, H) each
+        ids = batched_greedy(self.model, rows, self.stop_ids, max_new_tokens)
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
 
     def decode_text(self, ids: Iterator[int]) -> Iterator[str]:
         """Token ids -> text pieces as they become printable (a split multi-byte character waits)."""
