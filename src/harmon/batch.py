@@ -666,7 +666,10 @@ def _write_dpg_grids(out: Path, records: Sequence[PromptRecord], mine: list[list
             continue
         if png_complete(grid) and not fresh & {it.png for it in items}:
             continue
-        tiles = [Image.open(it.png).convert("RGB") for it in sorted(items, key=lambda it: it.k)]
+        tiles = []
+        for it in sorted(items, key=lambda it: it.k):
+            with Image.open(it.png) as tile:
+                tiles.append(tile.convert("RGB"))
         w, h = tiles[0].size
         canvas = Image.new("RGB", (2 * w, 2 * h))
         for k, tile in enumerate(tiles):

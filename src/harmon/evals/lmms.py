@@ -13,7 +13,7 @@ and resized, ``"<image>\\n" + question`` in Harmon's chat template, greedy decod
 strings cut the answer, its ``max_new_tokens`` bounds it. Harmon reads one image: a document with several
 (a few of MMMU's) is answered about its first, and their number is logged. ``batch_size`` requests (of the
 same ``max_new_tokens``) are answered together (:meth:`~harmon.pipelines.ImageToTextPipeline.answer_batch`):
-each answer is the one it gets alone, up to float rounding.
+each answer is the one it gets alone, up to float rounding (``max_batch_size`` is accepted and not used).
 
 This module imports lmms-eval; nothing else in harmon does.
 """
@@ -41,7 +41,8 @@ class HarmonLMM(lmms):
     """lmms-eval's ``generate_until`` over :class:`~harmon.pipelines.ImageToTextPipeline`."""
 
     def __init__(self, pretrained: str | None = None, device: str | None = None, dtype: str = "auto",
-                 image_size: int | str | None = None, batch_size: int | str = 1, **unused: Any) -> None:
+                 image_size: int | str | None = None, batch_size: int | str = 1,
+                 max_batch_size: int | None = None, **unused: Any) -> None:
         super().__init__()
         if unused:
             raise ValueError(f"harmon: model_args not understood: {sorted(unused)}; known: pretrained, device, "
