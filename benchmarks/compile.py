@@ -34,13 +34,15 @@ def main(argv=None) -> int:
     import torch
 
     from harmon.pipelines import TextToImagePipeline
+    from harmon.settings import GenerationSettings
 
     pipe = TextToImagePipeline.from_pretrained(None, dtype=torch.float32)
+    model = pipe.model
 
     def batch(fast: bool, first_seed: int) -> tuple[float, torch.Tensor]:
         start = time.perf_counter()
-        out = pipe(PROMPTS, seeds=range(first_seed, first_seed + len(PROMPTS)), fast=fast, progress=False,
-                   output_type="pt")
+        out = pipe(PROMPTS, GenerationSettings(fast=fast), seeds=range(first_seed, first_seed + len(PROMPTS)),
+                   progress=False, output_type="pt")
         return time.perf_counter() - start, out.images
 
     settings = {"default": False, "fast": True}

@@ -204,7 +204,8 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
     return process, port
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (loopback addresses only for --url)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     where = p.add_mutually_exclusive_group()
     where.add_argument("--url", help="a running server on loopback, e.g. http://127.0.0.1:8000")
@@ -224,31 +225,41 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
+    if args.url and urlparse(args.url).hostname not in LOOPBACK:
+        p.error(f"only loopback servers may be load-tested, not {urlparse(args.url).hostname}")
+    return args
 
+
+def load(host: str, port: int, args: argparse.Namespace) -> tuple[Tally, float, bool]:
+    """``args.clients`` clients for ``args.duration`` seconds: what they saw, the wall time, and whether the
+    server still answers a generation afterwards."""
+    tally = Tally()
+    deadline = time.monotonic() + args.duration
+    started = time.perf_counter()
+    threads = [threading.Thread(target=Client(host, port, args.api_key, args, tally, k).run, args=(deadline,))
+               for k in range(args.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    healthy = wait_healthy(host, port, 10)
+    after = Client(host, port, args.api_key, args, Tally(), 0)
+    status, raw = after.request("/v1/images/generations", {"prompt": "after the load", "seed": 0})
+    return tally, wall, healthy and check_answer("image", status, raw) is None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     process = None
     if args.url:
         url = urlparse(args.url)
-        if url.hostname not in LOOPBACK:
-            p.error(f"only loopback servers may be load-tested, not {url.hostname}")
         host, port = url.hostname, url.port or 80
     else:
         process, port = start_server(args)
         host = "127.0.0.1"
     try:
-        tally = Tally()
-        deadline = time.monotonic() + args.duration
-        started = time.perf_counter()
-        threads = [threading.Thread(target=Client(host, port, args.api_key, args, tally, k).run, args=(deadline,))
-                   for k in range(args.clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - started
-        healthy = wait_healthy(host, port, 10)
-        after = Client(host, port, args.api_key, args, Tally(), 0)
-        status, raw = after.request("/v1/images/generations", {"prompt": "after the load", "seed": 0})
-        answers_after = healthy and check_answer("image", status, raw) is None
+        tally, wall, answers_after = load(host, port, args)
     finally:
         if process is not None:
             process.terminate()

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import subprocess_json  # noqa: E402  (the benchmark harness: --write-checkpoint, --load-check)
+from harness import subprocess_json  # noqa: E402  (run.py --write-checkpoint, --load-check in a fresh process)
 
 GIB = 1024 ** 3
 

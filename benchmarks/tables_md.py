@@ -4,19 +4,28 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 GIB = 2**30
 
 
-def f(x, spec=".2f"):
-    return "–" if x is None else format(x, spec)
-
-
 def main(path: str) -> None:
+    """Print every table of the results file at ``path``."""
     r = json.loads(Path(path).read_text())
+    runs = [x for x in r["runs"] if "error" not in x]
+    _machine(r, runs)
+    _text_to_image(runs)
+    ext = [x for x in runs if "extrapolated" in x["t2i"]]
+    if ext:
+        _extrapolated(ext)
+    _image_to_text(runs)
+    _memory(runs, r.get("load_check"))
+
+
+def _machine(r: dict, runs: list[dict]) -> None:
+    """The machine, and the matmul peak and load average of every process at its start and end."""
     m = r["machine"]
     print(f"Machine: {m['cpu']}, {m['logical_cpus']} CPUs, {', '.join(m['isa'])}; torch {m['torch']}, "
           f"{m['torch_threads']} threads; benchmark wall time {r['wall_s']:.0f} s.\n")
@@ -24,12 +33,14 @@ def main(path: str) -> None:
     print("|---|---|---|---|")
     print(f"| orchestrator | {r['matmul_peak_gflops']['float32']:.0f} / {r['matmul_peak_gflops_end']['float32']:.0f} | "
           f"{r['matmul_peak_gflops']['bfloat16']:.0f} / {r['matmul_peak_gflops_end']['bfloat16']:.0f} | |")
-    runs = [x for x in r["runs"] if "error" not in x]
     for x in runs:
         a, b = x["matmul_peak_gflops"], x["matmul_peak_gflops_end"]
         print(f"| {x['config']} {x['dtype']} | {a['float32']:.0f} / {b['float32']:.0f} | {a['bfloat16']:.0f} / "
               f"{b['bfloat16']:.0f} | {x['loadavg_start'][0]:.1f} / {x['loadavg_end'][0]:.1f} |")
 
+
+def _text_to_image(runs: list[dict]) -> None:
+    """The measured text-to-image run of each model, by component."""
     print("\n### Text-to-image, measured (1 image, cfg 3.0, best of 2 runs)\n")
     names = ["llm_prefill", "mar_encoder", "projections", "llm", "mar_decoder", "diffusion_head",
              "diffusion_sampler_rest", "vae_decoder", "other (masking, noise, glue)"]
@@ -54,42 +65,46 @@ def main(path: str) -> None:
         f"{x['t2i']['transformer_parts']['gflops']:.0f} GFLOP/s = {x['t2i']['transformer_parts']['pct_of_peak']:.0f}% "
         f"of {x['matmul_peak_gflops_best'][x['dtype']]:.0f}" for x in runs) + " |")
 
-    ext = [x for x in runs if "extrapolated" in x["t2i"]]
-    if ext:
-        print("\n### Text-to-image extrapolated to the original's schedule (256 px, 64 iterations x 100 steps)\n")
-        print("| component | " + " | ".join(f"{x['config']} {x['dtype']}" for x in ext) + " |")
-        print("|---|" + "---|" * len(ext))
-        for k in ext[0]["t2i"]["extrapolated"]["components_s"]:
-            print(f"| {k} | " + " | ".join(
-                f"{x['t2i']['extrapolated']['components_s'][k]:.1f} s ({x['t2i']['extrapolated']['components_pct'][k]:.0f}%)"
-                for x in ext) + " |")
-        print("| **seconds per image** | " + " | ".join(
-            f"**{x['t2i']['extrapolated']['seconds_per_image']:.0f} s**" for x in ext) + " |")
-        print("\nProbes (best of 3 rounds): diffusion-head net per call at 2n rows, n = tokens sampled per iteration:\n")
-        for x in ext:
-            p = x["t2i"]["extrapolated"]["probes"]
-            hn = ", ".join(f"n={k}: {v * 1e3:.1f} ms" for k, v in p["head_net_s_by_tokens_per_iter"].items())
-            print(f"* {x['config']} {x['dtype']}: {hn}; MAR decoder {p['mar_decoder_call_s'] * 1e3:.0f} ms per call; "
-                  f"LLM (2 rows) at 0/128/255 visible: "
-                  + "/".join(f"{v * 1e3:.0f}" for v in p["llm_2rows_s"].values()) + " ms; MAR encoder (1 row): "
-                  + "/".join(f"{v * 1e3:.0f}" for v in p["mar_encoder_1row_s"].values()) + " ms")
 
-        print("\n### Exact-output speed-ups vs the original's schedule of work\n")
-        print("| | " + " | ".join(f"{x['config']} {x['dtype']}" for x in ext) + " |")
-        print("|---|" + "---|" * len(ext))
-        rows = [("MAR encoder over 64 iterations, 1 row (ours)", "mar_encoder_once_s", "{:.2f} s"),
-                ("MAR encoder over 64 iterations, 2 rows (original)", "mar_encoder_twice_s", "{:.2f} s"),
-                ("saved per image", "mar_encoder_saved_s", "{:.2f} s"),
-                ("saved, % of the extrapolated image", "mar_encoder_saved_pct_of_image", "{:.1f}%"),
-                ("diffusion sampling of one iteration (N tokens, 100 steps), cond-only state (ours)",
-                 "head_sample_cond_only_s_per_iter", "{:.3f} s"),
-                ("same, cond+uncond state (original)", "head_sample_cond_uncond_s_per_iter", "{:.3f} s"),
-                ("head net, N rows", "head_net_N_rows_s", "{:.4f} s"),
-                ("head net, 2N rows", "head_net_2N_rows_s", "{:.4f} s")]
-        for label, key, spec in rows:
-            print(f"| {label} | " + " | ".join(spec.format(x['t2i']['extrapolated']['exact_speedups'][key])
-                                             for x in ext) + " |")
+def _extrapolated(ext: list[dict]) -> None:
+    """The extrapolation to the original's schedule, its probes, and the exact shortcuts' savings."""
+    print("\n### Text-to-image extrapolated to the original's schedule (256 px, 64 iterations x 100 steps)\n")
+    print("| component | " + " | ".join(f"{x['config']} {x['dtype']}" for x in ext) + " |")
+    print("|---|" + "---|" * len(ext))
+    for k in ext[0]["t2i"]["extrapolated"]["components_s"]:
+        print(f"| {k} | " + " | ".join(
+            f"{x['t2i']['extrapolated']['components_s'][k]:.1f} s ({x['t2i']['extrapolated']['components_pct'][k]:.0f}%)"
+            for x in ext) + " |")
+    print("| **seconds per image** | " + " | ".join(
+        f"**{x['t2i']['extrapolated']['seconds_per_image']:.0f} s**" for x in ext) + " |")
+    print("\nProbes (best of 3 rounds): diffusion-head net per call at 2n rows, n = tokens sampled per iteration:\n")
+    for x in ext:
+        p = x["t2i"]["extrapolated"]["probes"]
+        hn = ", ".join(f"n={k}: {v * 1e3:.1f} ms" for k, v in p["head_net_s_by_tokens_per_iter"].items())
+        print(f"* {x['config']} {x['dtype']}: {hn}; MAR decoder {p['mar_decoder_call_s'] * 1e3:.0f} ms per call; "
+              f"LLM (2 rows) at 0/128/255 visible: "
+              + "/".join(f"{v * 1e3:.0f}" for v in p["llm_2rows_s"].values()) + " ms; MAR encoder (1 row): "
+              + "/".join(f"{v * 1e3:.0f}" for v in p["mar_encoder_1row_s"].values()) + " ms")
 
+    print("\n### Exact-output speed-ups vs the original's schedule of work\n")
+    print("| | " + " | ".join(f"{x['config']} {x['dtype']}" for x in ext) + " |")
+    print("|---|" + "---|" * len(ext))
+    rows = [("MAR encoder over 64 iterations, 1 row (ours)", "mar_encoder_once_s", "{:.2f} s"),
+            ("MAR encoder over 64 iterations, 2 rows (original)", "mar_encoder_twice_s", "{:.2f} s"),
+            ("saved per image", "mar_encoder_saved_s", "{:.2f} s"),
+            ("saved, % of the extrapolated image", "mar_encoder_saved_pct_of_image", "{:.1f}%"),
+            ("diffusion sampling of one iteration (N tokens, 100 steps), cond-only state (ours)",
+             "head_sample_cond_only_s_per_iter", "{:.3f} s"),
+            ("same, cond+uncond state (original)", "head_sample_cond_uncond_s_per_iter", "{:.3f} s"),
+            ("head net, N rows", "head_net_N_rows_s", "{:.4f} s"),
+            ("head net, 2N rows", "head_net_2N_rows_s", "{:.4f} s")]
+    for label, key, spec in rows:
+        print(f"| {label} | " + " | ".join(spec.format(x['t2i']['extrapolated']['exact_speedups'][key])
+                                         for x in ext) + " |")
+
+
+def _image_to_text(runs: list[dict]) -> None:
+    """Image-to-text prefill and decoding of each model."""
     print("\n### Image-to-text (256-px image, greedy, 16 tokens)\n")
     print("| | " + " | ".join(f"{x['config']} {x['dtype']}" for x in runs) + " |")
     print("|---|" + "---|" * len(runs))
@@ -105,13 +120,15 @@ def main(path: str) -> None:
     for label, fn in rows:
         print(f"| {label} | " + " | ".join(fn(x["i2t"]) for x in runs) + " |")
 
+
+def _memory(runs: list[dict], lc: dict | None) -> None:
+    """Each worker's peak memory against its weights, and the loading check."""
     print("\n### Memory\n")
     print("| | weights | peak RSS (build + all runs) | ratio |")
     print("|---|---|---|---|")
     for x in runs:
         print(f"| {x['config']} {x['dtype']} | {x['weights_bytes'] / GIB:.2f} GiB | {x['peak_rss_bytes'] / GIB:.2f} GiB | "
               f"{x['peak_rss_bytes'] / x['weights_bytes']:.2f}x |")
-    lc = r.get("load_check")
     if lc and "error" not in lc:
         print(f"\nLoading check, {lc['config']} {lc['dtype']}, `load_model` in a fresh process: weights "
               f"{lc['weights_bytes'] / GIB:.2f} GiB; peak RSS after reading every weight {lc['peak_rss_bytes'] / GIB:.2f} GiB "
@@ -124,4 +141,7 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).resolve().parent / "results.json"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="?", default=str(Path(__file__).resolve().parent / "results.json"),
+                        help="the JSON that run.py wrote (default: benchmarks/results.json)")
+    main(parser.parse_args().results)

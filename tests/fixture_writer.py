@@ -38,6 +38,7 @@ from harmon.models.harmon import Harmon, context_mask_and_positions, crop_cache
 from harmon.models.diffusion_head import timestep_embedding
 from harmon.rng import ReferenceRNG
 from harmon.sampling import StepInfo, generate_latents
+from harmon.settings import GenerationSettings
 from harmon.train.losses import IMAGE_TOKEN_INDEX, image_to_text_loss, text_to_image_loss
 
 SCHEDULE_TABLES = ("timestep_map", "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_recip_alphas_cumprod",
@@ -544,8 +545,10 @@ def _sample_run(model: Harmon, ids, text_mask, run: dict) -> dict:
         steps.append(StepInfo(info.step, info.num_iter, info.mask_to_pred.clone(), info.mask_len, info.cfg,
                               info.z.clone(), info.sampled.clone(), info.tokens.clone()))
 
-    tokens = generate_latents(model, ids, text_mask, rng, image_shape=shape, num_iter=run["num_iter"], cfg=cfg,
-                              cfg_schedule=run["cfg_schedule"], temperature=run["temperature"], callback=record)
+    stride = model.config.mar.vae_stride
+    settings = GenerationSettings(guidance_scale=cfg, cfg_schedule=run["cfg_schedule"], temperature=run["temperature"],
+                                  num_iter=run["num_iter"], height=shape[0] * stride, width=shape[1] * stride)
+    tokens = generate_latents(model, ids, text_mask, rng, settings, callback=record)
     # orders as the original draws them: one numpy shuffle per row of the whole batch
     rs = np.random.RandomState(run["np_seed"])
     drawn = []

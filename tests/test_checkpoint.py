@@ -13,26 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from harmon import checkpoint as ckpt
 from harmon.checkpoint import CheckpointError
 from harmon.config import PRESETS
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-REFERENCE = SHARED / "reference"
-MANIFESTS = REFERENCE / "manifests"
-TINY = REFERENCE / "tiny"
-
-needs_manifests = pytest.mark.skipif(not MANIFESTS.is_dir(), reason=f"reference manifests not found at {MANIFESTS}")
-needs_tiny = pytest.mark.skipif(not TINY.is_dir(), reason=f"tiny reference model not found at {TINY}")
-
 TIED, EMBED = "llm.lm_head.weight", "llm.model.embed_tokens.weight"
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-def _manifest(name: str) -> dict:
-    return json.loads((MANIFESTS / name).read_text())
+def _manifest(folder: Path, name: str) -> dict:
+    return json.loads((folder / name).read_text())
 
 
 def _shapes(entries) -> dict[str, tuple[int, ...]]:
@@ -69,49 +61,33 @@ def _assert_tied(model) -> None:
     assert head.untyped_storage().data_ptr() == embed.untyped_storage().data_ptr()
 
 
-# -- fixtures -----------------------------------------------------------------------------------------
+# -- fixtures (the tiny model, its weights and config: see conftest.py) ----------------------------------
 @pytest.fixture(scope="module")
-def tiny_model():
-    return ckpt.load_model(TINY)
-
-
-@pytest.fixture(scope="module")
-def tiny_weights() -> dict[str, torch.Tensor]:
-    return load_file(str(TINY / "weights.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def tiny_config():
-    return ckpt.read_config(TINY)
-
-
-@pytest.fixture(scope="module")
-def original_files(tiny_model, tmp_path_factory):
+def original_files(reference_model, tmp_path_factory):
     """The tiny model written in the released layout: (harmon.pth, kl16.ckpt)."""
     folder = tmp_path_factory.mktemp("original")
     pth, vae = folder / "harmon_tiny.pth", folder / "kl16.ckpt"
-    ckpt.save_original(tiny_model, pth, vae)
+    ckpt.save_original(reference_model, pth, vae)
     return pth, vae
 
 
 # -- 1. full-size key layouts against the manifests ------------------------------------------------------
-@needs_manifests
 @pytest.mark.parametrize("preset, manifest", [("harmon-0.5b", "harmon_0.5b.json"), ("harmon-1.5b", "harmon_1.5b.json")])
-def test_preset_keys_match_manifest(preset, manifest):
+def test_preset_keys_match_manifest(preset, manifest, manifests_dir):
     config = PRESETS[preset]()
     model = ckpt.build_empty(config)
     tensors = list(model.parameters()) + list(model.buffers())
     assert tensors and all(t.is_meta for t in tensors), "build_empty allocated real memory"
 
     ours = ckpt.expected_keys(config)
-    data = _manifest(manifest)
+    data = _manifest(manifests_dir, manifest)
     ref = _shapes(data["keys"])
     assert len(ref) == data["num_keys"]
     _assert_same_keys_and_shapes(ours, ref, f"{preset} state dict")
     assert ours == {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     # the VAE part is exactly kl16.ckpt's layout once "vae." is stripped
-    vae_ref = _shapes(_manifest("kl16_vae.json")["keys"])
+    vae_ref = _shapes(_manifest(manifests_dir, "kl16_vae.json")["keys"])
     vae_ours = {k[len("vae."):]: v for k, v in ours.items() if k.startswith("vae.")}
     _assert_same_keys_and_shapes(vae_ours, vae_ref, f"{preset} VAE part (vae. stripped)")
 
@@ -123,7 +99,6 @@ def test_preset_keys_match_manifest(preset, manifest):
                                      f"only manifest {sorted(release - ours_release)}")
 
 
-@needs_manifests
 def test_manifest_diff_message_lists_keys():
     """The mismatch message of the manifest test names the differing keys."""
     ours = {"a": (1,), "b": (2, 3), "c": (4,)}
@@ -188,7 +163,6 @@ def test_malicious_pickle_refused(tmp_path, payload_cls, fmt):
     assert not marker.exists(), "unpickling ran code (load_original)"
 
 
-@needs_tiny
 def test_malicious_vae_ckpt_refused(tmp_path, original_files):
     pth, _ = original_files
     marker = tmp_path / "pwned"
@@ -217,29 +191,26 @@ def test_read_torch_file_plain_and_legacy(tmp_path):
 
 
 # -- 3. round trips on the tiny model --------------------------------------------------------------------
-@needs_tiny
-def test_tiny_load_matches_file(tiny_model, tiny_weights):
-    _assert_same_tensors(_state(tiny_model), tiny_weights)
-    _assert_tied(tiny_model)
-    assert not tiny_model.training
+def test_tiny_load_matches_file(reference_model, tiny_weights):
+    _assert_same_tensors(_state(reference_model), tiny_weights)
+    _assert_tied(reference_model)
+    assert not reference_model.training
 
 
-@needs_tiny
-def test_original_round_trip(tiny_model, tiny_config, original_files):
+def test_original_round_trip(reference_model, tiny_config, original_files):
     pth, vae = original_files
     harmon_part = torch.load(pth, weights_only=True)
     vae_part = torch.load(vae, weights_only=True)
     assert harmon_part and not any(k.startswith("vae.") for k in harmon_part)
     assert set(vae_part) == {"model"} and "encoder.conv_in.weight" in vae_part["model"]
-    assert len(harmon_part) + len(vae_part["model"]) == len(tiny_model.state_dict())
+    assert len(harmon_part) + len(vae_part["model"]) == len(reference_model.state_dict())
 
     loaded = ckpt.load_original(pth, vae, config=tiny_config)
-    _assert_same_tensors(_state(loaded), _state(tiny_model))
+    _assert_same_tensors(_state(loaded), _state(reference_model))
     _assert_tied(loaded)
     assert loaded.config == tiny_config
 
 
-@needs_tiny
 def test_original_without_config_fails_clearly(original_files):
     pth, vae = original_files
     with pytest.raises(CheckpointError, match=r"hidden size 64") as info:
@@ -247,28 +218,26 @@ def test_original_without_config_fails_clearly(original_files):
     assert "pass a config" in str(info.value)
 
 
-@needs_tiny
-def test_save_model_round_trip(tiny_model, tmp_path):
-    folder = ckpt.save_model(tiny_model, tmp_path / "saved")
+def test_save_model_round_trip(reference_model, tmp_path):
+    folder = ckpt.save_model(reference_model, tmp_path / "saved")
     weights = folder / ckpt.WEIGHTS_NAME
     with safe_open(str(weights), framework="pt") as f:
         stored = set(f.keys())
     assert TIED not in stored and EMBED in stored
-    assert stored == set(tiny_model.state_dict()) - {TIED}
+    assert stored == set(reference_model.state_dict()) - {TIED}
     config = json.loads((folder / ckpt.CONFIG_NAME).read_text())
     assert config["model_type"] == "harmon"
 
     loaded = ckpt.load_model(folder)
-    _assert_same_tensors(_state(loaded), _state(tiny_model))
+    _assert_same_tensors(_state(loaded), _state(reference_model))
     _assert_tied(loaded)
-    assert loaded.config == tiny_model.config
+    assert loaded.config == reference_model.config
 
 
-@needs_tiny
-def test_hugging_face_style_folder(tiny_config, tiny_weights, tmp_path):
+def test_hugging_face_style_folder(tiny_fixture_dir, tiny_config, tiny_weights, tmp_path):
     folder = tmp_path / "hf"
     folder.mkdir()
-    reference = json.loads((TINY / "config.json").read_text())
+    reference = json.loads((tiny_fixture_dir / "config.json").read_text())
     hf_config = {
         "model_type": "harmon",
         "llm": {k: v for k, v in reference["llm_config"].items() if k != "torch_dtype"},
@@ -288,28 +257,24 @@ def test_hugging_face_style_folder(tiny_config, tiny_weights, tmp_path):
 
 
 # -- 4. strict loading errors ------------------------------------------------------------------------------
-@needs_tiny
 def test_tied_head_may_be_absent(tiny_config, tiny_weights):
     model = ckpt.load_state_dict(tiny_config, {k: v for k, v in tiny_weights.items() if k != TIED})
     _assert_tied(model)
     assert torch.equal(model.llm.lm_head.weight, tiny_weights[EMBED])
 
 
-@needs_tiny
 def test_only_the_tied_head_is_enough(tiny_config, tiny_weights):
     model = ckpt.load_state_dict(tiny_config, {k: v for k, v in tiny_weights.items() if k != EMBED})
     _assert_tied(model)
     assert torch.equal(model.llm.model.embed_tokens.weight, tiny_weights[TIED])
 
 
-@needs_tiny
 def test_tied_copies_that_differ_are_refused(tiny_config, tiny_weights):
     sd = dict(tiny_weights, **{TIED: tiny_weights[TIED] + 1.0})
     with pytest.raises(CheckpointError, match="differ"):
         ckpt.load_state_dict(tiny_config, sd)
 
 
-@needs_tiny
 @pytest.mark.parametrize("key", ["proj_out.2.bias", "llm.model.norm.weight",
                                  "mar.diffloss.net.final_layer.linear.weight"])
 def test_missing_key_named(tiny_config, tiny_weights, key):
@@ -321,7 +286,6 @@ def test_missing_key_named(tiny_config, tiny_weights, key):
     assert "kl16.ckpt" not in str(info.value)
 
 
-@needs_tiny
 def test_unexpected_key_named(tiny_config, tiny_weights):
     sd = dict(tiny_weights, **{"mar.not_a_real_module.weight": torch.zeros(3)})
     with pytest.raises(CheckpointError, match="unexpected keys") as info:
@@ -329,7 +293,6 @@ def test_unexpected_key_named(tiny_config, tiny_weights):
     assert "mar.not_a_real_module.weight" in str(info.value)
 
 
-@needs_tiny
 def test_wrong_shape_named(tiny_config, tiny_weights):
     key = "proj_in.0.weight"
     assert tuple(tiny_weights[key].shape) == (64, 64)
@@ -340,7 +303,6 @@ def test_wrong_shape_named(tiny_config, tiny_weights):
     assert key in msg and "(64, 32)" in msg and "(64, 64)" in msg
 
 
-@needs_tiny
 def test_only_vae_missing_mentions_kl16(tiny_config, tiny_weights):
     sd = {k: v for k, v in tiny_weights.items() if not k.startswith("vae.")}
     with pytest.raises(CheckpointError, match="kl16.ckpt") as info:
@@ -348,7 +310,6 @@ def test_only_vae_missing_mentions_kl16(tiny_config, tiny_weights):
     assert "vae.encoder.conv_in" in str(info.value) or "vae." in str(info.value)
 
 
-@needs_tiny
 def test_harmon_pth_with_vae_keys_refused(tiny_weights, original_files, tmp_path):
     _, vae = original_files
     full = tmp_path / "full.pth"
@@ -357,15 +318,13 @@ def test_harmon_pth_with_vae_keys_refused(tiny_weights, original_files, tmp_path
         ckpt.load_original(full, vae)
 
 
-@needs_tiny
 def test_kl16_that_is_not_a_vae_refused(original_files):
     pth, _ = original_files
     with pytest.raises(CheckpointError, match="not a KL-16 VAE checkpoint"):
         ckpt.load_original(pth, pth)
 
 
-@needs_tiny
-def test_folder_errors(tmp_path, tiny_weights):
+def test_folder_errors(tmp_path, tiny_fixture_dir, tiny_weights):
     with pytest.raises(CheckpointError, match="model folder not found"):
         ckpt.load_model(tmp_path / "nope")
 
@@ -377,14 +336,13 @@ def test_folder_errors(tmp_path, tiny_weights):
 
     no_weights = tmp_path / "no_weights"
     no_weights.mkdir()
-    (no_weights / "config.json").write_text((TINY / "config.json").read_text())
+    (no_weights / "config.json").write_text((tiny_fixture_dir / "config.json").read_text())
     with pytest.raises(CheckpointError, match="has no weights"):
         ckpt.load_model(no_weights)
 
 
-@needs_tiny
-def test_config_errors(tmp_path, tiny_model):
-    good = tiny_model.config.to_dict()
+def test_config_errors(tmp_path, reference_model):
+    good = reference_model.config.to_dict()
 
     def load_with(config: dict, name: str):
         folder = tmp_path / name
@@ -407,9 +365,8 @@ def test_config_errors(tmp_path, tiny_model):
 
 
 # -- 5. loading straight into bfloat16 ---------------------------------------------------------------------
-@needs_tiny
-def test_load_bfloat16(tiny_model):
-    model = ckpt.load_model(TINY, dtype=torch.bfloat16)
+def test_load_bfloat16(tiny_fixture_dir, reference_model):
+    model = ckpt.load_model(tiny_fixture_dir, dtype=torch.bfloat16)
     params = dict(model.named_parameters())
     assert params and {p.dtype for p in params.values()} == {torch.bfloat16}, \
         sorted({n: p.dtype for n, p in params.items() if p.dtype != torch.bfloat16}.items())[:5]
@@ -417,16 +374,16 @@ def test_load_bfloat16(tiny_model):
     assert not meta, f"left on meta: {meta}"
     inv_freq = model.llm.model.rotary_emb.inv_freq
     assert inv_freq.dtype == torch.float32 and not inv_freq.is_meta
-    ref_inv_freq = tiny_model.llm.model.rotary_emb.inv_freq
+    ref_inv_freq = reference_model.llm.model.rotary_emb.inv_freq
     assert torch.equal(inv_freq, ref_inv_freq)
     _assert_tied(model)
     # the values are the float32 weights rounded to bf16
-    assert torch.equal(params["proj_in.0.weight"], tiny_model.proj_in[0].weight.detach().to(torch.bfloat16))
+    assert torch.equal(params["proj_in.0.weight"], reference_model.proj_in[0].weight.detach().to(torch.bfloat16))
 
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         tokens = model.encode(image.to(torch.bfloat16))
-        ref = tiny_model.encode(image)
+        ref = reference_model.encode(image)
     assert tokens.dtype == torch.bfloat16 and tokens.shape == (1, 4, 4, 16)
     assert torch.isfinite(tokens.float()).all()
     err = (tokens.float() - ref).norm() / ref.norm()

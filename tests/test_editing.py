@@ -6,13 +6,16 @@ import pytest
 import torch
 from PIL import Image
 
+from harmon.errors import InputError
+from harmon.outputs import edit_details
 from harmon.pipelines import EditPipeline, inpaint_region, outpaint_region, variation_region
 from harmon.processing import image_to_tensor
 from harmon.rng import SeededRNG
 from harmon.sampling import generate_latents
+from harmon.settings import GenerationSettings
 from harmon.tokenizer import build_byte_tokenizer
 
-FAST = dict(num_iter=3, num_steps=3)
+FAST = GenerationSettings(num_iter=3, num_steps=3)
 
 
 @pytest.fixture()
@@ -26,7 +29,7 @@ def pipe(reference_model):
     return EditPipeline(reference_model, build_byte_tokenizer())
 
 
-def _run(model, region, seed=0, **kw):
+def _run(model, region, seed=0):
     """The latents an edit produces, and which tokens each step sampled."""
     tok = build_byte_tokenizer()
     from harmon.processing import GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt, tokenize_prompts
@@ -35,10 +38,10 @@ def _run(model, region, seed=0, **kw):
                                        chat_prompt(UNCONDITIONAL_PROMPT)], tok.eos_token_id)
     known_tokens = model.encode(image_to_tensor(region.canvas, (region.canvas.height, region.canvas.width)))
     steps = []
-    h, w = region.known.shape
-    out = generate_latents(model, ids, mask, SeededRNG.from_seeds([seed]), image_shape=(h, w),
-                           known_tokens=known_tokens, known_mask=region.known.reshape(1, -1),
-                           callback=lambda s: steps.append(s.mask_to_pred.clone()), **FAST, **kw)
+    settings = FAST.replace(height=region.canvas.height, width=region.canvas.width)
+    out = generate_latents(model, ids, mask, SeededRNG.from_seeds([seed]), settings,
+                           known=(known_tokens, region.known.reshape(1, -1)),
+                           callback=lambda s: steps.append(s.mask_to_pred.clone()))
     return out, known_tokens, steps
 
 
@@ -81,12 +84,14 @@ def test_variations_regenerate_the_requested_fraction(reference_model, photo):
 
 def test_edit_pipeline_is_seeded(pipe, photo):
     region = inpaint_region(photo, (0, 0, 32, 32))
-    a = pipe(region, "a red circle", seed=5, output_type="pt", **FAST)
-    b = pipe(region, "a red circle", seed=5, output_type="pt", **FAST)
-    c = pipe(region, "a red circle", seed=6, output_type="pt", **FAST)
+    a = pipe(region, "a red circle", FAST, seed=5, output_type="pt")
+    b = pipe(region, "a red circle", FAST, seed=5, output_type="pt")
+    c = pipe(region, "a red circle", FAST, seed=6, output_type="pt")
     assert torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)
-    assert a.settings["generated_tokens"] == 4 and a.settings["known_tokens"] == 12
-    assert pipe(region, "a red circle", **FAST).images[0].size == (64, 64)
+    assert a.seeds == [5] and a.settings == FAST.replace(num_steps="3", height=64, width=64)  # at the canvas's size
+    details = edit_details("inpaint", region)
+    assert details["generated_tokens"] == 4 and details["known_tokens"] == 12
+    assert pipe(region, "a red circle", FAST).images[0].size == (64, 64)
 
 
 @pytest.mark.parametrize("make, message", [
@@ -97,7 +102,7 @@ def test_edit_pipeline_is_seeded(pipe, photo):
     (lambda p: variation_region(p, 0.0, torch.Generator()), "strength"),
 ])
 def test_bad_edits_are_refused(photo, make, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InputError, match=message):
         make(photo)
 
 
@@ -106,6 +111,6 @@ def test_known_masks_must_agree_across_the_batch(reference_model):
     mask = torch.ones(2, 4, dtype=torch.bool)
     known = torch.zeros(2, 16, dtype=torch.bool)
     known[0, :3] = True
-    with pytest.raises(ValueError, match="same, non-zero number"):
-        generate_latents(reference_model, ids, mask, SeededRNG.from_seeds([0, 1]), image_shape=(4, 4), cfg=1.0,
-                         known_tokens=torch.zeros(2, 4, 4, 16), known_mask=known)
+    with pytest.raises(InputError, match="same, non-zero number"):
+        generate_latents(reference_model, ids, mask, SeededRNG.from_seeds([0, 1]),
+                         GenerationSettings(height=64, guidance_scale=1.0), known=(torch.zeros(2, 4, 4, 16), known))

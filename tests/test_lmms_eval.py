@@ -15,7 +15,8 @@ import pytest
 
 from conftest import REPO
 from harmon.hub import load_pretrained
-from harmon.shapes.evaluate import evaluate_model
+from harmon.settings import DecodingSettings
+from harmon.shapes.evaluate import ShapesEval, evaluate_model
 from harmon.shapes.lmms_task import TASK_NAME, write_task
 
 LMMS_EVAL = REPO / ".venv-lmms-eval" / "bin" / "lmms-eval"
@@ -40,7 +41,8 @@ def test_lmms_eval_scores_the_shapes_questions_as_harmon_eval_does(tmp_path):
     results, samples = _lmms_eval(task, tmp_path / "out", "device=cpu,dtype=float32,image_size=64")
 
     model, tokenizer = load_pretrained(None)
-    ours = evaluate_model(model, tokenizer, n_scenes=SCENES, generation=False, echo=None)["understanding"]["items"]
+    plan = ShapesEval(n_scenes=SCENES, generation=False)
+    ours = evaluate_model(model, tokenizer, plan, echo=None)["understanding"]["items"]
     assert len(samples) == len(ours) > 3 * SCENES
     for sample, item in zip(samples, ours):
         assert sample["input"] == item["question"] and sample["target"] == item["expected"]
@@ -76,7 +78,7 @@ print(pathlib.Path(lmms_eval.__file__).parent / "tasks" / "pope" / "pope.yaml")
 
 def test_pope_in_its_own_format_through_lmms_eval(tmp_path):
     from harmon.pipelines import ImageToTextPipeline
-    from harmon.shapes.evaluate import understanding_scenes
+    from harmon.shapes.eval_understanding import understanding_scenes
 
     rows, images = [], tmp_path / "images"
     images.mkdir()
@@ -114,7 +116,7 @@ def test_pope_in_its_own_format_through_lmms_eval(tmp_path):
     for sample in sorted(samples, key=lambda s: s["doc_id"]):
         row = rows[sample["doc_id"]]
         assert sample["input"] == row["question"] + "\nAnswer the question using a single word or phrase."
-        answer = pipe(row["image"], sample["input"], max_new_tokens=128)
+        answer = pipe(row["image"], sample["input"], DecodingSettings(max_new_tokens=128))
         assert sample["filtered_resps"] == answer.strip()  # lmms-eval strips the response
         correct += answer.lower().strip() == row["answer"]
     assert len(samples) == len(rows) >= 10

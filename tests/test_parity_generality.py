@@ -13,7 +13,6 @@ import copy
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +21,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from fixture_writer import other_config, write_fixture
 from harmon import parity
 from harmon.cli import main as cli_main
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fixture_writer import other_config, write_fixture  # noqa: E402
-
-TINY = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "tiny"
 CASE_NAMES = sorted(parity.CASES)
 
 
@@ -70,7 +66,7 @@ def _outputs(folder: Path, case: str) -> list[str]:
     return [k for k, v in info["tensors"].items() if v["role"] == "output"]
 
 
-def test_written_folder_has_the_reference_format(generated):
+def test_written_folder_has_the_reference_format(generated, tiny_fixture_dir):
     """Same files, JSON structure, tensor roles/dtypes/shapes and weight key layout as the tiny set."""
     config = json.loads((generated / "config.json").read_text())
     for key in ("llm_config", "mar_kwargs", "vae", "vae_scale", "special_token_ids", "weights"):
@@ -91,13 +87,11 @@ def test_written_folder_has_the_reference_format(generated):
         keys = set(f.keys())
         assert f.get_tensor("llm.lm_head.weight").equal(f.get_tensor("llm.model.embed_tokens.weight"))
     assert config["weights"]["num_tensors"] == len(keys)
-    if not TINY.is_dir():
-        return
-    tiny_config = json.loads((TINY / "config.json").read_text())
+    tiny_config = json.loads((tiny_fixture_dir / "config.json").read_text())
     assert set(tiny_config) <= set(config) | {"reference", "seeds"}
     assert set(tiny_config["mar_kwargs"]) == set(config["mar_kwargs"])
     assert set(tiny_config["vae"]) - {"note"} == set(config["vae"])
-    with safe_open(str(TINY / "weights.safetensors"), "pt") as f:
+    with safe_open(str(tiny_fixture_dir / "weights.safetensors"), "pt") as f:
         tiny_keys = set(f.keys())
 
     def layout(ks):
@@ -107,13 +101,13 @@ def test_written_folder_has_the_reference_format(generated):
     # the case files use the tiny set's names wherever the names do not encode a size or a run
     for case in ("a_vae_encode", "b_vae_decode", "c_mae_encoder", "e_mae_decoder", "i_image2text",
                  "j_training_losses"):
-        tiny_info = json.loads((TINY / "cases" / f"{case}.json").read_text())
+        tiny_info = json.loads((tiny_fixture_dir / "cases" / f"{case}.json").read_text())
         info = json.loads((generated / "cases" / f"{case}.json").read_text())
         assert {k: v["role"] for k, v in info["tensors"].items()} == \
             {k: v["role"] for k, v in tiny_info["tensors"].items()}, case
         assert set(info["meta"]) == set(tiny_info["meta"]), case
     for case in ("d_llm_context_encoder", "f_diffloss", "g_mask_schedule", "h_sample"):
-        tiny_meta = json.loads((TINY / "cases" / f"{case}.json").read_text())["meta"]
+        tiny_meta = json.loads((tiny_fixture_dir / "cases" / f"{case}.json").read_text())["meta"]
         meta = json.loads((generated / "cases" / f"{case}.json").read_text())["meta"]
         assert set(meta) == set(tiny_meta), case
 

@@ -19,7 +19,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from cli_helpers import assert_user_error
-from conftest import MANIFESTS
 from harmon import checkpoint as ckpt
 from harmon.checkpoint import CheckpointError
 from harmon.cli import main
@@ -29,6 +28,7 @@ from harmon.models.harmon import Harmon, qwen2_config
 from harmon.models.init import init_weights
 from harmon.pipelines import EditPipeline, ImageToTextPipeline, TextToImagePipeline
 from harmon.release import MAR_TYPES, RELEASE_VAE, RELEASE_VAE_SCALE, config_from_release, release_config
+from harmon.settings import DecodingSettings, GenerationSettings
 from harmon.tokenizer import build_byte_tokenizer, save_tokenizer
 
 # transformers 4.45's bookkeeping in a saved Qwen2 config: what the release's llm dict carries beside the sizes
@@ -79,8 +79,8 @@ def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 # -- 1. full size, on the meta device -------------------------------------------------------------------
 @pytest.mark.parametrize("name, mar_type, preset", [("harmon_0.5b", "mar_base", "harmon-0.5b"),
                                                     ("harmon_1.5b", "mar_huge", "harmon-1.5b")])
-def test_full_size_release_config_matches_manifest_and_pth_path(name, mar_type, preset):
-    manifest = json.loads((MANIFESTS / f"{name}.json").read_text())
+def test_full_size_release_config_matches_manifest_and_pth_path(name, mar_type, preset, manifests_dir):
+    manifest = json.loads((manifests_dir / f"{name}.json").read_text())
     config = config_from_release(release_config_json(manifest["llm_config"], mar_type, manifest["mar_kwargs"]))
     assert config.name == preset
     ours = _shapes(config)
@@ -141,11 +141,12 @@ def small(tmp_path_factory):
 
 
 def _image_and_answer(model, tokenizer, tmp_path):
-    image = TextToImagePipeline(model, tokenizer)("a red circle", seeds=[3], height=32, num_iter=2, num_steps=3,
-                                                  output_type="pt", progress=False).images
+    settings = GenerationSettings(height=32, num_iter=2, num_steps=3)
+    image = TextToImagePipeline(model, tokenizer)("a red circle", settings, seeds=[3], output_type="pt",
+                                                  progress=False).images
     photo = tmp_path / "photo.png"
     Image.new("RGB", (40, 24), (200, 30, 30)).save(photo)
-    answer = ImageToTextPipeline(model, tokenizer, image_size=32)(str(photo), "What is it?", max_new_tokens=6)
+    answer = ImageToTextPipeline(model, tokenizer, image_size=32)(str(photo), "What is it?", DecodingSettings(6))
     return image, answer
 
 

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from harmon.checkpoint import load_model
+from harmon.errors import InputError
 from harmon.models.harmon import crop_cache, reserve_room
 from harmon.rng import ReferenceRNG, SeededRNG
 from harmon.sampling import cfg_at_step, generate_latents, next_mask_len
+from harmon.settings import GenerationSettings
 
 EOS = 992  # the tiny fixture's <|im_end|> stand-in, used as right padding
 
@@ -29,11 +31,15 @@ COND_B = [991, 5, 17, 88, 99, 123, 456, 77, 992, 10, 991, 7, 10]
 UNCOND = [991, 5, 17, 8, 992, 10, 991, 7, 10]
 
 
-def generate(model, conds, seeds, **kw):
+# a 4 x 4 latent grid of the tiny model (VAE stride 16)
+SMALL = GenerationSettings(height=64, width=64, num_iter=4, guidance_scale=3.0, temperature=1.0)
+
+
+def generate(model, conds, seeds, callback=None, **changes):
+    """Guided latents of ``conds`` (each followed by its unconditional prompt) with SMALL + ``changes``."""
     ids, mask = prompts(conds + [UNCOND] * len(conds))
-    settings = dict(image_shape=(4, 4), num_iter=4, cfg=3.0, temperature=1.0)
-    settings.update(kw)
-    return generate_latents(model, ids, mask, SeededRNG.from_seeds(seeds), **settings)
+    return generate_latents(model, ids, mask, SeededRNG.from_seeds(seeds), SMALL.replace(**changes),
+                            callback=callback)
 
 
 def assert_close_rel(a, b, rel=1e-4):
@@ -65,7 +71,7 @@ def test_seeded_generation_is_repeatable_and_leaves_global_rng_alone(reference_m
 def test_reference_rng_is_repeatable_and_local(reference_model):
     ids, mask = prompts([COND_A, UNCOND])
     torch_state = torch.random.get_rng_state()
-    runs = [generate_latents(reference_model, ids, mask, ReferenceRNG(3, 4), image_shape=(4, 4), num_iter=3)
+    runs = [generate_latents(reference_model, ids, mask, ReferenceRNG(3, 4), GenerationSettings(height=64, num_iter=3))
             for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
     assert torch.equal(torch.random.get_rng_state(), torch_state)
@@ -73,8 +79,8 @@ def test_reference_rng_is_repeatable_and_local(reference_model):
 
 def test_without_guidance_and_non_square(reference_model):
     ids, mask = prompts([COND_A, COND_B])
-    out = generate_latents(reference_model, ids, mask, SeededRNG.from_seeds([1, 2]), image_shape=(3, 5),
-                           num_iter=5, cfg=1.0, num_steps=4)
+    settings = GenerationSettings(height=48, width=80, num_iter=5, guidance_scale=1.0, num_steps=4)
+    out = generate_latents(reference_model, ids, mask, SeededRNG.from_seeds([1, 2]), settings)
     assert out.shape == (2, 3, 5, 16)
     assert torch.isfinite(out).all()
     images = reference_model.decode(out)
@@ -102,12 +108,13 @@ def test_bfloat16_generation_and_understanding(tiny_fixture_dir, reference_model
 
 def test_batch_of_wrong_parity_and_bad_settings_raise(reference_model):
     ids, mask = prompts([COND_A, COND_B, UNCOND])
-    with pytest.raises(ValueError, match="even"):
-        generate_latents(reference_model, ids, mask, SeededRNG.from_seeds([1]), image_shape=(4, 4), cfg=3.0)
+    settings = GenerationSettings(height=64, guidance_scale=3.0)
+    with pytest.raises(InputError, match="even"):
+        generate_latents(reference_model, ids, mask, SeededRNG.from_seeds([1]), settings)
     ids, mask = prompts([COND_A, UNCOND])
-    with pytest.raises(ValueError, match="one per image"):
-        generate_latents(reference_model, ids, mask, SeededRNG.from_seeds([1, 2]), image_shape=(4, 4), cfg=3.0)
-    with pytest.raises(ValueError, match="cfg_schedule"):
+    with pytest.raises(InputError, match="one per image"):
+        generate_latents(reference_model, ids, mask, SeededRNG.from_seeds([1, 2]), settings)
+    with pytest.raises(InputError, match="cfg_schedule"):
         cfg_at_step(3.0, "cosine", 16, 4)
 
 

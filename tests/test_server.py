@@ -24,31 +24,22 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
 from harmon.server import Engine, ServerSettings, create_app  # noqa: E402
+from harmon.settings import DecodingSettings, GenerationSettings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(size=64, num_iter=2, num_steps=2, image_size=64, max_new_tokens=64)
+TINY_SETTINGS = GenerationSettings(height=64, num_iter=2, num_steps=2)  # the tiny servers' defaults
+TINY = dict(generation=TINY_SETTINGS, image_size=64, max_new_tokens=64)
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    import harmon.tokenizer
-    from harmon.checkpoint import load_model, save_model
-
-    folder = tmp_path_factory.mktemp("tiny-model")
-    save_model(load_model(REPO.parent / "shared/reference/tiny"), folder)
-    harmon.tokenizer.build_byte_tokenizer().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir) -> Engine:
+def engine(tiny_model_dir) -> Engine:
     from harmon.checkpoint import load_model
     from harmon.hub import load_tokenizer
 
-    model = load_model(model_dir, dtype=torch.float32)
-    return Engine(model, load_tokenizer(model_dir, int(model.config.llm["vocab_size"])), model_dir, image_size=64)
+    model = load_model(tiny_model_dir, dtype=torch.float32)
+    return Engine(model, load_tokenizer(tiny_model_dir, int(model.config.llm["vocab_size"])), tiny_model_dir, image_size=64)
 
 
 class Server:
@@ -94,8 +85,7 @@ def default_server():
     folder = default_model_folder()
     model = load_model(folder, dtype=torch.float32)
     engine = Engine(model, load_tokenizer(folder, int(model.config.llm["vocab_size"])), folder)
-    s = Server(create_app(engine, ServerSettings(size=model.config.image_size, num_iter=model.config.num_iter,
-                                                 image_size=model.config.image_size)))
+    s = Server(create_app(engine, ServerSettings(image_size=model.config.image_size)))  # the model's defaults
     yield s
     s.stop()
 
@@ -149,8 +139,28 @@ def test_images_generation_matches_the_pipeline(server, engine):
     # the same batch as the server's (two images): a batch of one differs by float rounding (~4e-6), which
     # can flip a pixel's 8-bit value
     expected = TextToImagePipeline(engine.model, engine.tokenizer)(
-        ["a red circle"] * 2, seeds=[7, 8], guidance_scale=3.0, num_iter=2, num_steps=2, height=64, width=64,
-        progress=False).images[0]
+        ["a red circle"] * 2, GenerationSettings(guidance_scale=3.0, num_iter=2, num_steps=2, height=64, width=64),
+        seeds=[7, 8], progress=False).images[0]
+    assert png.convert("RGB").tobytes() == expected.tobytes()
+
+
+def test_images_generation_takes_the_settings_by_name(server, engine):
+    """Every generation setting a request may give, under the settings' own names, reaches the pipeline and the
+    PNG's metadata (the schema of harmon.outputs, as `harmon generate` writes it)."""
+    from harmon.pipelines import TextToImagePipeline
+
+    given = {"guidance_scale": 2.5, "cfg_schedule": "linear", "temperature": 0.9, "num_iter": 3, "num_steps": 4,
+             "fast": True, "vae_tile": 2}
+    status, body = server.post("/v1/images/generations", {"prompt": "a blue square", "seed": 11, "size": "48x32",
+                                                          **given})
+    assert status == 200, body
+    png = Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"])))
+    assert png.size == (48, 32) and body["size"] == "48x32"
+    parameters = json.loads(png.text["parameters"])
+    assert {key: parameters[key] for key in given} == {**given, "num_steps": "4"}  # as resolved: a respacing
+    assert png.text["fast"] == "True" and png.text["cfg_schedule"] == "linear" and png.text["vae_tile"] == "2"
+    expected = TextToImagePipeline(engine.model, engine.tokenizer)(
+        "a blue square", GenerationSettings(**given, height=32, width=48), seeds=[11], progress=False).images[0]
     assert png.convert("RGB").tobytes() == expected.tobytes()
 
 
@@ -171,7 +181,8 @@ def test_chat_completions_answers_streams_and_keeps_the_conversation(server, eng
     status, body = server.post("/v1/chat/completions", chat_body(url, "What is in the image?", max_tokens=6))
     assert status == 200, body
     answer = body["choices"][0]["message"]["content"]
-    expected = "".join(engine.image_to_text.stream(picture, "What is in the image?", max_new_tokens=6))
+    expected = "".join(engine.image_to_text.stream(picture, "What is in the image?",
+                                                   DecodingSettings(max_new_tokens=6)))
     assert answer == expected
     assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] == 6
     assert body["choices"][0]["finish_reason"] == "length"
@@ -191,8 +202,37 @@ def test_chat_completions_answers_streams_and_keeps_the_conversation(server, eng
     from harmon.pipelines import ChatSession
 
     session = ChatSession(engine.image_to_text, picture)
-    session.ask("What is in the image?", max_new_tokens=6)
-    assert second["choices"][0]["message"]["content"] == session.ask("And its colour?", max_new_tokens=4)
+    session.ask("What is in the image?", DecodingSettings(max_new_tokens=6))
+    assert second["choices"][0]["message"]["content"] == session.ask("And its colour?",
+                                                                     DecodingSettings(max_new_tokens=4))
+
+
+def test_chat_sampling_follows_the_seed(server, engine, picture):
+    """A temperature above 0 samples (DecodingSettings(do_sample=True)) from a generator of the request's seed."""
+    body = chat_body(data_url(picture), "What is in the image?", max_tokens=5, temperature=0.8, top_p=0.9, seed=5)
+    status, answer = server.post("/v1/chat/completions", body)
+    assert status == 200, answer
+    settings = DecodingSettings(max_new_tokens=5, do_sample=True, temperature=0.8, top_p=0.9)
+    expected = "".join(engine.image_to_text.stream(picture, "What is in the image?", settings,
+                                                   torch.Generator().manual_seed(5)))
+    assert answer["choices"][0]["message"]["content"] == expected
+    assert server.post("/v1/chat/completions", body)[1]["choices"] == answer["choices"]
+
+
+def test_page_is_static_and_filled_from_json(server, engine):
+    """The page is package data served as it is; its values come from /page.json."""
+    status, headers, page = server.request("GET", "/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert page == (Path(create_app.__code__.co_filename).parent / "static" / "index.html").read_bytes()
+    for name, kind in (("page.js", "javascript"), ("page.css", "text/css")):
+        status, headers, _ = server.request("GET", f"/static/{name}")
+        assert status == 200 and kind in headers["content-type"]
+    assert server.request("GET", "/static/missing.js")[0] == 404
+    status, _, raw = server.request("GET", "/page.json")
+    values = json.loads(raw)
+    assert status == 200 and values["model"] == engine.name and values["auth"] is False
+    assert (values["width"], values["height"], values["num_iter"], values["num_steps"]) == (64, 64, 2, 2)
+    assert values["stride"] == 16 and values["max_prompt_chars"] == 300 and values["guidance_scale"] == 3.0
 
 
 BAD_REQUESTS = [
@@ -212,6 +252,11 @@ BAD_REQUESTS = [
     ("/v1/images/generations", {"prompt": "x", "guidance_scale": "high"}, 400, "invalid_value"),
     ("/v1/images/generations", {"prompt": "x", "seed": -1}, 400, "invalid_value"),
     ("/v1/images/generations", {"prompt": "x", "response_format": "url"}, 400, "invalid_value"),
+    ("/v1/images/generations", {"prompt": "x", "temperature": 0}, 400, "invalid_value"),
+    ("/v1/images/generations", {"prompt": "x", "temperature": 11}, 400, "invalid_value"),
+    ("/v1/images/generations", {"prompt": "x", "num_steps": 2000}, 400, "invalid_value"),
+    ("/v1/images/generations", {"prompt": "x", "fast": "sometimes"}, 400, "invalid_value"),
+    ("/v1/images/generations", {"prompt": "x", "vae_tile": 0}, 400, "invalid_value"),
     ("/v1/chat/completions", {"messages": []}, 400, None),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "no image"}]}, 400, "image_required"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "invalid_value"),
@@ -224,6 +269,9 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", chat_body(data_url(Image.new("RGB", (8, 8))), "q", max_tokens=100000), 400,
      "invalid_value"),
     ("/v1/chat/completions", chat_body(data_url(Image.new("RGB", (8, 8))), "q", "a"), 400, None),
+    ("/v1/chat/completions", chat_body(data_url(Image.new("RGB", (8, 8))), "q", temperature=-1), 400,
+     "invalid_value"),
+    ("/v1/chat/completions", chat_body(data_url(Image.new("RGB", (8, 8))), "q", top_p=0), 400, "invalid_value"),
     ("/v1/chat/completions", chat_body(data_url(Image.new("RGB", (8, 8))), " "), 400, None),
     ("/v1/chat/completions", b"x" * 3_000_000, 413, "request_too_large"),
 ]
@@ -252,6 +300,7 @@ def edit_body(image: Image.Image, mode: str, **extra) -> dict:
 
 @pytest.mark.parametrize("mode,extra,size", EDIT_CASES, ids=[c[0] for c in EDIT_CASES])
 def test_image_edits_match_the_pipeline(server, engine, picture, mode, extra, size):
+    from harmon.outputs import EDIT_KEYS, edit_details
     from harmon.pipelines import EditPipeline, inpaint_region, outpaint_region, variation_region
 
     status, body = server.post("/v1/images/edits", edit_body(picture, mode, **extra))
@@ -262,15 +311,15 @@ def test_image_edits_match_the_pipeline(server, engine, picture, mode, extra, si
     png = Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
     assert png.size == size
     assert png.text["prompt"] == EDIT_PROMPT and png.text["seed"] == "3" and png.text["edit_mode"] == mode
-    assert png.text["num_iter"] == "2" and png.text["num_steps"] == "2" and png.text["cfg"] == "3.0"
-    key = next(iter(extra))
-    assert json.loads(png.text["parameters"])[key] == extra[key]
-    assert json.loads(png.text["parameters"])["model"] == "tiny"
+    assert png.text["num_iter"] == "2" and png.text["num_steps"] == "2" and png.text["guidance_scale"] == "3.0"
     region = {"inpaint": lambda: inpaint_region(picture, tuple(extra["box"])),
               "outpaint": lambda: outpaint_region(picture, *extra["extend"]),
               "variation": lambda: variation_region(picture, 0.5, torch.Generator().manual_seed(3))}[mode]()
-    expected = EditPipeline(engine.model, engine.tokenizer)(region, EDIT_PROMPT, seed=3, guidance_scale=3.0,
-                                                            num_iter=2, num_steps=2).images[0]
+    parameters = json.loads(png.text["parameters"])
+    assert {key: parameters[key] for key in EDIT_KEYS} == edit_details(mode, region)  # kept and drawn tokens
+    assert parameters["model"] == "tiny" and parameters["width"] == size[0] and parameters["height"] == size[1]
+    expected = EditPipeline(engine.model, engine.tokenizer)(
+        region, EDIT_PROMPT, GenerationSettings(guidance_scale=3.0, num_iter=2, num_steps=2), seed=3).images[0]
     assert png.convert("RGB").tobytes() == expected.tobytes()
     if mode == "inpaint":  # a mask image selecting the same box gives the same edit
         mask = Image.new("L", picture.size, 0)
@@ -296,8 +345,12 @@ BAD_EDITS = [  # (changes to a good inpaint request, status, code, words in the 
     ({"mode": "variation"}, 400, "invalid_value", "variation needs strength"),
     ({"prompt": "  "}, 400, "invalid_value", "prompt is empty"),
     ({"prompt": "x" * 301}, 400, "prompt_too_long", "at most 300"),
-    ({"guidance_scale": 0.5}, 400, "invalid_value", "guidance_scale must be in"),
-    ({"num_iter": 0}, 400, "invalid_value", "num_iter must be in"),
+    ({"guidance_scale": 0.5}, 400, "invalid_value", "guidance_scale must be >= 1"),
+    ({"guidance_scale": 25}, 400, "invalid_value", "guidance_scale must be at most 20.0"),
+    ({"num_iter": 0}, 400, "invalid_value", "num_iter must be >= 1"),
+    ({"num_iter": 300}, 400, "invalid_value", "num_iter must be at most 256"),
+    ({"cfg_schedule": "wild"}, 400, "invalid_value", "cfg_schedule must be one of 'constant', 'linear'"),
+    ({"vae_tile": 1}, 400, "invalid_value", "vae_tile must be None or at least 2"),
     ({"seed": -1}, 400, "invalid_value", "seed must be in"),
     ({"image": "https://example.com/a.png"}, 400, "unsupported_image_url", "not fetched"),
     ({"image": "data:image/png;base64," + "A" * 300_000}, 413, "image_too_large", "larger than"),
@@ -307,6 +360,44 @@ BAD_EDITS = [  # (changes to a good inpaint request, status, code, words in the 
     # a lone surrogate is valid JSON syntax but no text: the JSON parser refuses it before any handler
     ({"prompt": "a \ud800 square"}, 400, "invalid_json", "not valid JSON"),
 ]
+
+
+def test_png_metadata_is_one_schema_from_every_writer(server, tiny_model_dir, picture, tmp_path, capsys):
+    """`harmon generate`, `edit`, `batch` and the server's generations and edits write their PNG text chunks
+    with harmon.outputs.image_metadata: the same keys, and for the same request the same values (the edit's
+    source file name aside, which a server request does not have)."""
+    from harmon.cli import main
+    from harmon.outputs import BATCH_KEYS, EDIT_KEYS
+
+    def text_of(png_bytes: bytes) -> dict:
+        with Image.open(io.BytesIO(png_bytes)) as im:
+            return json.loads(im.text["parameters"])
+
+    tiny = ["--model", str(tiny_model_dir), "--seed", "7", "--num-iter", "2", "--num-steps", "2"]
+    source = tmp_path / "source.png"
+    picture.crop((0, 0, 48, 32)).save(source)
+    assert main(["generate", "a red circle", "--size", "64", "--out", str(tmp_path / "g.png"), "-q", *tiny]) == 0
+    assert main(["edit", str(source), "a red square", "--box", "8,8,40,24", "--out", str(tmp_path / "e.png"),
+                 *tiny]) == 0
+    (tmp_path / "prompts.json").write_text('["a red circle"]')
+    assert main(["batch", str(tmp_path / "prompts.json"), "--size", "64", "--out-dir", str(tmp_path / "b"), "-q",
+                 *tiny]) == 0
+    capsys.readouterr()
+    cli = {name: text_of((tmp_path / path).read_bytes())
+           for name, path in (("generate", "g.png"), ("edit", "e.png"), ("batch", "b/00000_00.png"))}
+    status, generated = server.post("/v1/images/generations", {"prompt": "a red circle", "seed": 7})
+    assert status == 200, generated
+    status, edited = server.post("/v1/images/edits", edit_body(picture.crop((0, 0, 48, 32)), "inpaint",
+                                                             box=[8, 8, 40, 24], seed=7))
+    assert status == 200, edited
+    served = {name: text_of(base64.b64decode(body["data"][0]["b64_json"]))
+              for name, body in (("generate", generated), ("edit", edited))}
+
+    assert served["generate"] == cli["generate"]
+    assert set(cli["edit"]) == set(cli["generate"]) | set(EDIT_KEYS)
+    assert set(cli["batch"]) == set(cli["generate"]) | set(BATCH_KEYS)
+    assert cli["edit"].pop("source_image") == str(source) and served["edit"].pop("source_image") is None
+    assert served["edit"] == cli["edit"]
 
 
 @pytest.mark.parametrize("change,status,code,words", BAD_EDITS, ids=[f"{k}-{c}" for k, (_, _, c, _) in
@@ -360,8 +451,8 @@ def test_api_key(engine, picture):
     s = Server(create_app(engine, ServerSettings(api_key="sekrit", **TINY)))
     try:
         assert s.request("GET", "/health")[0] == 200
-        status, _, page = s.request("GET", "/")
-        assert status == 200 and b'"auth": true' in page
+        status, _, page = s.request("GET", "/page.json")  # no key needed: it tells the page to ask for one
+        assert status == 200 and json.loads(page)["auth"] is True
         status, headers, raw = s.request("POST", "/v1/images/generations", {"prompt": "x"})
         assert status == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key"
         assert headers["www-authenticate"] == "Bearer"
@@ -392,22 +483,22 @@ def test_serve_refuses_a_missing_model_and_bad_options(tmp_path):
     assert main(["serve", "--port", "0"]) == 2  # checked before the (default) model is loaded
 
 
-def test_cli_serve_compile_compiles_the_served_model(model_dir, monkeypatch):
+def test_cli_serve_compile_compiles_the_served_model(tiny_model_dir, monkeypatch):
     import harmon.server
     from harmon.cli import main
 
     served = []
     monkeypatch.setattr(harmon.server, "serve", lambda engine, settings, **kw: served.append(engine.model))
-    assert main(["serve", "--model", str(model_dir), "--compile"]) == 0
+    assert main(["serve", "--model", str(tiny_model_dir), "--compile"]) == 0
     blocks = (*served[0].mar.encoder_blocks, *served[0].mar.decoder_blocks, served[0].mar.diffloss.net)
     assert all(block._compiled_call_impl is not None for block in blocks)
-    assert main(["serve", "--model", str(model_dir)]) == 0
+    assert main(["serve", "--model", str(tiny_model_dir)]) == 0
     assert all(block._compiled_call_impl is None for block in served[1].mar.decoder_blocks)
 
 
-def test_cli_serve_runs_and_stops(model_dir):
+def test_cli_serve_runs_and_stops(tiny_model_dir):
     port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "harmon.cli", "serve", "--model", str(model_dir),
+    process = subprocess.Popen([sys.executable, "-m", "harmon.cli", "serve", "--model", str(tiny_model_dir),
                                 "--port", str(port), "--size", "64", "--num-iter", "2", "--num-steps", "2",
                                 "--image-size", "64", "--device", "cpu", "--log-level", "warning"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -424,7 +515,11 @@ def test_cli_serve_runs_and_stops(model_dir):
                 break
             except OSError:
                 time.sleep(0.2)
-        assert response.status == 200 and b"Harmon" in page and b'"size": 64' in page
+        assert response.status == 200 and b"Harmon" in page
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/page.json")
+        values = json.loads(conn.getresponse().read())
+        assert (values["width"], values["height"], values["num_iter"], values["num_steps"]) == (64, 64, 2, 2)
     finally:
         process.terminate()
         assert process.wait(30) in (0, -signal.SIGTERM)  # uvicorn shuts down, then re-raises the signal
@@ -473,17 +568,23 @@ def _wait(driver, condition, timeout: float = 60.0):
     return WebDriverWait(driver, timeout).until(condition)
 
 
+def open_page(driver, server: Server) -> None:
+    """Load the page and wait until it has filled in the server's values (from /page.json)."""
+    driver.get(f"http://127.0.0.1:{server.port}/")
+    _wait(driver, lambda drv: drv.execute_script("return document.body.dataset.ready") == "1", 30)
+
+
 def test_web_page_generates_and_chats(default_server, browser, tmp_path):
     """The shipped model behind the page: it draws the prompt and answers about an uploaded scene."""
     from selenium.webdriver.common.by import By
 
-    from harmon.shapes import evaluate as ev
+    from harmon.shapes import detect
     from harmon.shapes import world
 
     server, prompt = default_server, "a red circle to the left of a blue square"
     d = browser
-    d.get(f"http://127.0.0.1:{server.port}/")
-    assert "Harmon" in d.title and "shapes" in d.page_source
+    open_page(d, server)
+    assert "Harmon" in d.title and "shapes" in d.title and "shapes" in d.find_element(By.ID, "model-name").text
     d.find_element(By.ID, "prompt").send_keys(prompt)
     d.find_element(By.ID, "seed").send_keys("42")
     assert d.find_element(By.ID, "num-iter").get_attribute("value") == "16"  # the model's default
@@ -501,7 +602,7 @@ def test_web_page_generates_and_chats(default_server, browser, tmp_path):
         "done(btoa(String.fromCharCode(...new Uint8Array(b)))))", link.get_attribute("href"))
     png = Image.open(io.BytesIO(base64.b64decode(downloaded)))
     assert png.text["prompt"] == prompt and png.text["seed"] == "42" and png.text["num_iter"] == "16"
-    assert ev.analyze(png.convert("RGB")), "the shipped model drew nothing"
+    assert detect.analyze(png.convert("RGB")), "the shipped model drew nothing"
     d.save_screenshot(str(tmp_path / "t2i.png"))
 
     picture = world.render(world.Scene((world.Obj("triangle", "green", 20, 40, 18),
@@ -538,7 +639,7 @@ def test_web_page_edits(server, browser, picture, tmp_path):
     from selenium.webdriver.support.ui import Select
 
     d = browser
-    d.get(f"http://127.0.0.1:{server.port}/")
+    open_page(d, server)
     d.find_element(By.ID, "tab-edit").click()
     assert d.find_element(By.ID, "edit").is_displayed() and not d.find_element(By.ID, "t2i").is_displayed()
     picture_file = tmp_path / "picture.png"

@@ -4,18 +4,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from harmon.shapes import evaluate as ev
-from harmon.shapes import world
+from harmon.errors import InputError
+from harmon.settings import GenerationSettings
+from harmon.shapes import detect, report, world
+from harmon.shapes.eval_plan import INPAINT_CATEGORIES
+from harmon.shapes.eval_understanding import answer_correct
+from harmon.shapes.evaluate import ShapesEval, evaluate_inpainting, evaluate_model
 from harmon.shapes.world import Obj, Scene
 
-TINY = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "tiny"
 
 
 def prompt_of(scene: Scene) -> dict:
@@ -24,7 +26,7 @@ def prompt_of(scene: Scene) -> dict:
 
 
 def passes(scene: Scene, size: int | None = None, antialias: bool = True) -> tuple[bool, str]:
-    return ev.check(prompt_of(scene), ev.analyze(world.render(scene, size, antialias=antialias)))
+    return detect.check(prompt_of(scene), detect.analyze(world.render(scene, size, antialias=antialias)))
 
 
 def sample(category: str, n: int, seed: int, size: int = world.DEFAULT_SIZE) -> list[Scene]:
@@ -39,8 +41,8 @@ def test_rendered_truth_scores_100_percent(size, n):
     for category in world.CATEGORIES:
         for scene in sample(category, n, seed=100):
             image = world.render(scene, size)
-            dets = ev.analyze(image)
-            ok, why = ev.check(prompt_of(scene), dets)
+            dets = detect.analyze(image)
+            ok, why = detect.check(prompt_of(scene), dets)
             assert ok, (size, scene.prompt, why, [d.to_dict() for d in dets])
             assert len(dets) == len(scene.objects)
             cats.append(category)
@@ -48,7 +50,7 @@ def test_rendered_truth_scores_100_percent(size, n):
             if size == 64:  # what the analyser sees answers every question like the ground truth
                 for q in world.questions(scene.objects):
                     assert world.answer(dets, q["type"], q["params"]) == q["answer"], (scene.prompt, q)
-    summary = ev.summarize(cats, oks)
+    summary = report.summarize(cats, oks)
     assert summary["overall"] == 1.0
     assert set(summary["per_category"]) == set(world.CATEGORIES)
     assert all(c == n for c in summary["counts"].values())
@@ -62,7 +64,7 @@ def test_rendered_truth_without_antialiasing_and_with_noise_and_blur():
             blurred = world.render(scene).filter(ImageFilter.GaussianBlur(0.8))
             noisy = np.asarray(blurred, dtype=np.float64) + noise.normal(0, 6, (64, 64, 3))
             image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
-            ok, why = ev.check(prompt_of(scene), ev.analyze(image))
+            ok, why = detect.check(prompt_of(scene), detect.analyze(image))
             assert ok, (scene.prompt, why)
 
 
@@ -71,17 +73,17 @@ def test_shapes_colours_and_positions_are_measured():
         for shape in world.SHAPES:
             for color in world.COLORS:
                 scene = Scene((Obj(shape, color, 40, 40, size),), 80)
-                dets = ev.analyze(world.render(scene))
+                dets = detect.analyze(world.render(scene))
                 assert [(d.shape, d.color) for d in dets] == [(shape, color)], (size, shape, color)
                 assert abs(dets[0].cx - 40) <= 1 and abs(dets[0].width - size) <= 1.5
     expected_fill = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}
     for shape, fill in expected_fill.items():
-        d = ev.analyze(world.render(Scene((Obj(shape, "blue", 128, 128, 120),), 256)))[0]
+        d = detect.analyze(world.render(Scene((Obj(shape, "blue", 128, 128, 120),), 256)))[0]
         assert abs(d.fill - fill) < 0.03, (shape, d.fill)
     blank = Image.new("RGB", (64, 64), world.BACKGROUND)
-    assert ev.analyze(blank) == []
+    assert detect.analyze(blank) == []
     speck = world.render(Scene((Obj("square", "red", 32, 32, 3),), 64))  # tiny blobs are ignored
-    assert ev.analyze(speck) == []
+    assert detect.analyze(speck) == []
 
 
 # -- corrupted scenes fail -------------------------------------------------------------------------------
@@ -177,13 +179,13 @@ def test_extra_object_fails_counting_and_single_object():
 
 
 def test_summaries_are_geneval_style():
-    summary = ev.summarize(["counting"] * 3 + ["position"], [True, True, False, True])
+    summary = report.summarize(["counting"] * 3 + ["position"], [True, True, False, True])
     assert summary["per_category"] == {"counting": 2 / 3, "position": 1.0}
     assert summary["overall"] == pytest.approx((2 / 3 + 1.0) / 2)  # mean of categories, not of images
-    und = ev.summarize_answers(["color", "color", "count"], [True, False, True])
+    und = report.summarize_answers(["color", "color", "count"], [True, False, True])
     assert und["per_type"] == {"color": 0.5, "count": 1.0} and und["overall"] == 0.75
-    by_kind = ev.summarize_by_scene_kind(["alike_objects", "one_object", "alike_objects"], ["count", "color", "count"],
-                                         [True, False, False])
+    by_kind = report.summarize_by_scene_kind(["alike_objects", "one_object", "alike_objects"],
+                                             ["count", "color", "count"], [True, False, False])
     assert list(by_kind) == ["one_object", "alike_objects"]  # in world.SCENE_KINDS order, kinds present only
     assert by_kind["alike_objects"]["per_type"] == {"count": 0.5} and by_kind["one_object"]["overall"] == 0.0
     red, blue = world.Obj("circle", "red", 10, 10, 8), world.Obj("circle", "blue", 30, 10, 8)
@@ -191,27 +193,24 @@ def test_summaries_are_geneval_style():
         red, shape="square")])] == ["one_object", "alike_objects", "different_objects", "different_objects"]
     with pytest.raises(ValueError, match="without objects"):
         world.scene_kind([])
-    assert ev.answer_correct(" Red. ", "red") and ev.answer_correct("A red  circle", "a red circle.")
-    assert not ev.answer_correct("red circle", "a red circle")
+    assert answer_correct(" Red. ", "red") and answer_correct("A red  circle", "a red circle.")
+    assert not answer_correct("red circle", "a red circle")
 
 
 # -- the model evaluation, end to end on the tiny reference model -----------------------------------------------
 @pytest.fixture(scope="module")
-def tiny():
-    from harmon.checkpoint import load_model
+def tiny(reference_model):
     from harmon.tokenizer import build_byte_tokenizer
 
-    if not (TINY / "config.json").is_file():
-        pytest.fail(f"reference fixtures not found at {TINY}")
-    return load_model(TINY, dtype=torch.float32), build_byte_tokenizer()
+    return reference_model, build_byte_tokenizer()
 
 
 def test_evaluate_model_end_to_end(tiny, tmp_path):
     model, tokenizer = tiny
     printed = []
     out = tmp_path / "eval"
-    results = ev.evaluate_model(model, tokenizer, n_prompts=4, seed=123, out_dir=out, num_iter=2, num_steps=2,
-                                image_size=64, n_scenes=2, max_new_tokens=4, echo=printed.append)
+    results = evaluate_model(model, tokenizer, ShapesEval(n_prompts=4, seed=123, n_scenes=2, max_new_tokens=4),
+                             GenerationSettings(num_iter=2, num_steps=2, height=64), out_dir=out, echo=printed.append)
     table = printed[0]
     for word in ("generation", "understanding", "overall", "single_object", "describe", "images/s"):
         assert word in table
@@ -239,19 +238,23 @@ def test_evaluate_model_end_to_end(tiny, tmp_path):
         assert saved["generation"]["items"][i]["prompt"] == p["prompt"]
     assert not (out / "00004").exists()
     assert saved["settings"]["num_iter"] == 2 and saved["settings"]["num_steps"] == "2"
-    fast = ev.evaluate_model(model, tokenizer, n_prompts=2, seed=123, image_size=64, fast=True, num_iter=4,
-                             understanding=False, echo=None)
+    assert saved["settings"]["n_prompts"] == 4 and saved["settings"]["n_scenes"] == 2  # the plan beside the settings
+    assert saved["settings"]["height"] == saved["settings"]["width"] == 64 and saved["settings"]["model"] == "tiny"
+    # without a size the shapes world's (64 px), not the model's own (512 px for the tiny reference model)
+    fast = evaluate_model(model, tokenizer, ShapesEval(n_prompts=2, seed=123, understanding=False),
+                          GenerationSettings(fast=True, num_iter=4), echo=None)
+    assert model.config.image_size == 512 and fast["settings"]["height"] == world.DEFAULT_SIZE
     assert fast["settings"]["fast"] and fast["settings"]["num_iter"] == 4
-    assert fast["settings"]["num_steps"] == "50,35,20,5"  # the fast mode's steps, annealed 50 -> 5
+    assert fast["settings"]["num_steps"] == ["50", "35", "20", "5"]  # the fast mode's steps, annealed 50 -> 5
 
 
 def test_inpainting_evaluation(tiny, tmp_path):
     model, tokenizer = tiny
-    res = ev.evaluate_inpainting(model, tokenizer, n_scenes=3, seed=9, out_dir=tmp_path, num_iter=2, num_steps=2,
-                                 echo=None)
+    short = GenerationSettings(num_iter=2, num_steps=2)
+    res = evaluate_inpainting(model, tokenizer, n_scenes=3, seed=9, settings=short, out_dir=tmp_path, echo=None)
     assert res["object_erased"]["overall"] == 0.0  # the baseline with the object painted over always fails
     for name in ("inpainted", "text_only", "object_erased"):
-        assert list(res[name]["per_category"]) == list(ev.INPAINT_CATEGORIES)
+        assert list(res[name]["per_category"]) == list(INPAINT_CATEGORIES)
         assert sum(res[name]["counts"].values()) == 3
     for item in res["items"]:
         assert 0 < item["regenerated_tokens"] < item["tokens"] == 16
@@ -261,9 +264,23 @@ def test_inpainting_evaluation(tiny, tmp_path):
         assert top <= obj["cy"] - obj["size"] / 2 and bottom >= obj["cy"] + obj["size"] / 2
     saved = json.loads((tmp_path / "inpainting.json").read_text())
     assert saved["settings"]["n_scenes"] == 3 and "text only" in saved["table"]
+    assert saved["settings"]["num_iter"] == 2 and saved["settings"]["height"] == world.DEFAULT_SIZE
     assert len(list((tmp_path / "inpainting").glob("*.png"))) == 9
-    again = ev.evaluate_inpainting(model, tokenizer, n_scenes=3, seed=9, num_iter=2, num_steps=2, echo=None)
+    again = evaluate_inpainting(model, tokenizer, n_scenes=3, seed=9, settings=short, echo=None)
     assert [i["seed"] for i in again["items"]] == [i["seed"] for i in res["items"]]
+
+
+def test_the_plan_and_the_size_are_checked(tiny):
+    for bad, name in ((dict(n_prompts=0), "n_prompts"), (dict(seed=-1), "seed"), (dict(images_per_prompt=0),
+                      "images_per_prompt"), (dict(batch_size=0), "batch_size"), (dict(n_scenes=-1), "n_scenes"),
+                      (dict(max_new_tokens=0), "max_new_tokens"), (dict(n_prompts=2.5), "n_prompts")):
+        with pytest.raises(InputError, match=name):
+            ShapesEval(**bad)
+    assert ShapesEval(n_prompts=0, generation=False).scenes == 0 and ShapesEval(n_prompts=3).scenes == 3
+    with pytest.raises(InputError, match="square"):
+        evaluate_model(*tiny, ShapesEval(n_prompts=1), GenerationSettings(height=64, width=128), echo=None)
+    with pytest.raises(InputError, match="n_scenes"):
+        evaluate_inpainting(*tiny, n_scenes=0, echo=None)
 
 
 def test_object_tokens_are_the_cells_an_object_mostly_covers():
@@ -302,13 +319,13 @@ def test_context_measure_changes_only_what_is_visible(tiny, tmp_path, monkeypatc
         context_use(model, tokenizer, n_scenes=1, fractions=(0.0, 1.0), echo=None)
 
 
-def test_eval_cli(tiny, tmp_path, capsys):
-    from harmon.shapes.cli import add_eval_parser
+def test_eval_cli(tiny, tiny_fixture_dir, tmp_path, capsys):
+    from harmon.cli.evaluate import add_parsers as add_eval_parser
 
     parser = argparse.ArgumentParser(prog="harmon")
     add_eval_parser(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "cli"
-    args = parser.parse_args(["eval", "shapes", "--model", str(TINY), "--n", "2", "--seed", "5", "--out", str(out),
+    args = parser.parse_args(["eval", "shapes", "--model", str(tiny_fixture_dir), "--n", "2", "--seed", "5", "--out", str(out),
                               "--num-iter", "2", "--num-steps", "2", "--device", "cpu", "--no-understanding",
                               "--context", "2", "-q"])
     assert args.func(args) == 0
@@ -317,7 +334,7 @@ def test_eval_cli(tiny, tmp_path, capsys):
     assert json.loads((out / "context.json").read_text())["settings"]["n_scenes"] == 2
     assert json.loads((out / "results.json").read_text())["settings"]["n_prompts"] == 2
     assert (out / "00001" / "samples" / "0000.png").is_file()
-    bad = parser.parse_args(["eval", "shapes", "--model", str(TINY), "--n", "0", "--out", str(tmp_path / "x")])
+    bad = parser.parse_args(["eval", "shapes", "--model", str(tiny_fixture_dir), "--n", "0", "--out", str(tmp_path / "x")])
     with pytest.raises(ValueError):
         bad.func(bad)
     assert parser.parse_args(["eval", "shapes"]).model is None  # the shipped model

@@ -13,6 +13,7 @@ from PIL import Image
 from harmon.config import VAEConfig, shapes
 from harmon.models.diffusion_head import SimpleMLPAdaLN
 from harmon.models.vae import AutoencoderKL
+from harmon.settings import DecodingSettings, GenerationSettings
 from harmon.shapes import world
 from harmon.shapes.datasets import scene_for_index
 from harmon.shapes.recipe import RecipeConfig, run_recipe
@@ -114,10 +115,11 @@ def test_recipe_at_toy_scale_runs_resumes_and_refuses_other_settings(tmp_path):
     assert model.config.image_size == 64 and model.config.mar.vae_stride == 8
     tokenizer = load_tokenizer(model_dir, 512)
     assert len(tokenizer) <= 512 and tokenizer.convert_tokens_to_ids("<|im_end|>") == 2
-    image = TextToImagePipeline(model, tokenizer)("a red circle", seeds=[0], num_iter=2, num_steps=2,
-                                                  progress=False).images[0]
+    short = GenerationSettings(num_iter=2, num_steps=2)
+    image = TextToImagePipeline(model, tokenizer)("a red circle", short, seeds=[0], progress=False).images[0]
     assert image.size == (64, 64)
-    assert isinstance(ImageToTextPipeline(model, tokenizer)(image, "Describe the image.", max_new_tokens=4), str)
+    assert isinstance(ImageToTextPipeline(model, tokenizer)(image, "Describe the image.",
+                                                            DecodingSettings(max_new_tokens=4)), str)
 
     # a second call finds every stage done: the same model, no stage re-run
     from safetensors.torch import load_file
@@ -149,7 +151,7 @@ def test_the_default_model_ships_with_the_package_and_works(tmp_path, capsys):
     from harmon.cli import main
     from harmon.hub import default_model_folder, load_tokenizer
     from harmon.pipelines import TextToImagePipeline
-    from harmon.shapes import evaluate as ev
+    from harmon.shapes.detect import analyze
 
     folder = default_model_folder()
     model = load_model(folder)
@@ -158,7 +160,7 @@ def test_the_default_model_ships_with_the_package_and_works(tmp_path, capsys):
     pipe = TextToImagePipeline(model, tokenizer)
     images = pipe("a red circle", num_images_per_prompt=2, seeds=[0, 1], progress=False).images
     assert [im.size for im in images] == [(64, 64)] * 2
-    assert all(ev.analyze(im) for im in images)  # it draws objects on the background, not noise or nothing
+    assert all(analyze(im) for im in images)  # it draws objects on the background, not noise or nothing
     alone = np.asarray(pipe("a red circle", seeds=[1], progress=False).images[0], dtype=np.int16)
     assert np.abs(alone - np.asarray(images[1], dtype=np.int16)).max() <= 2  # a seed's image, alone or batched
 

@@ -18,8 +18,9 @@ from harmon.tokenizer import build_byte_tokenizer
 from harmon.train.config import TrainConfig
 from harmon.train.data import Batcher, read_finetune, read_jsonl, read_llava
 from harmon.train.losses import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from harmon.train.trainer import (build_optimizer, edit_checkpoint, export_checkpoint, latest_step, lr_factor,
-                                  part_parameters, prepare_model, train)
+from harmon.settings import DecodingSettings, GenerationSettings
+from harmon.train.model import build_optimizer, lr_factor, part_parameters, prepare_model
+from harmon.train.trainer import edit_checkpoint, export_checkpoint, latest_step, train
 
 TINY_FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "tiny"
 
@@ -158,7 +159,8 @@ def test_resume_continues_with_the_same_losses(dataset, tmp_path):
     from harmon.pipelines import TextToImagePipeline
     from harmon.hub import load_tokenizer
     pipe = TextToImagePipeline(exported, load_tokenizer(full.final_dir, 1000))
-    assert len(pipe("a red square", seeds=[0], height=64, num_iter=2, num_steps=2, progress=False).images) == 1
+    settings = GenerationSettings(height=64, num_iter=2, num_steps=2)
+    assert len(pipe("a red square", settings, seeds=[0], progress=False).images) == 1
 
 
 def test_training_resumes_from_an_edited_checkpoint(dataset, tmp_path):
@@ -197,7 +199,7 @@ def test_latent_readout_trains_resumes_exactly_and_stays_out_of_the_export(datas
 
 
 def test_batches_are_prepared_one_step_ahead_in_order():
-    from harmon.train.trainer import _prefetched
+    from harmon.train.loop import prefetched
 
     made, fourth_started = [], threading.Event()
 
@@ -210,15 +212,15 @@ def test_batches_are_prepared_one_step_ahead_in_order():
         return {"step": step}
 
     seen = []
-    for step, value in _prefetched(make, range(3, 6)):
+    for step, value in prefetched(make, range(3, 6)):
         assert value == {"step": step}
         if step == 3:  # step 4's batch is made while step 3's work goes on (a serial loop would wait here in vain)
             assert fourth_started.wait(timeout=30)
         seen.append(step)
     assert seen == [3, 4, 5] and sorted(made) == [3, 4, 5]  # nothing made beyond the range
-    assert list(_prefetched(make, range(4, 4))) == []
+    assert list(prefetched(make, range(4, 4))) == []
     with pytest.raises(OSError, match="disk gone"):  # a failure reaches the loop at its step
-        for step, _ in _prefetched(make, range(6, 9)):
+        for step, _ in prefetched(make, range(6, 9)):
             assert step == 6
 
 
@@ -321,7 +323,7 @@ def test_fitting_a_few_images_learns_both_directions(dataset, tmp_path):
 
     model = load_model(result.final_dir)
     answer = ImageToTextPipeline(model, load_tokenizer(result.final_dir, 1000), image_size=64)
-    replies = [answer(dataset / "images" / f"{i}.png", "What color is the square?", max_new_tokens=8)
+    replies = [answer(dataset / "images" / f"{i}.png", "What color is the square?", DecodingSettings(max_new_tokens=8))
                for i in range(len(COLORS))]
     assert replies == list(COLORS)
 
@@ -360,8 +362,8 @@ def test_fine_tuned_shapes_model_redraws_its_training_images(tmp_path):
         truth = model.encode(torch.cat([image_to_tensor(world.render(s), 64) for s in scenes])).flatten(1)  # (4, L*C)
     own = []
     for i, scene in enumerate(scenes):
-        drawn = pipe([scene.prompt], num_images_per_prompt=2, seeds=[0, 1], guidance_scale=1.0, output_type="pt",
-                     progress=False)
+        drawn = pipe([scene.prompt], GenerationSettings(guidance_scale=1.0), num_images_per_prompt=2, seeds=[0, 1],
+                     output_type="pt", progress=False)
         with torch.no_grad():
             latents = model.encode(drawn.images).flatten(1)  # (2, L*C), re-encoded from the decoded image
         error = torch.cdist(latents, truth) / truth.norm(dim=1)  # (2, 4) relative distance to every scene

@@ -6,9 +6,11 @@ from PIL import Image
 
 from harmon.checkpoint import load_model
 from harmon.cli import main
+from harmon.errors import InputError
 from harmon.hub import default_model_folder
 from harmon.models.vae import _tile_starts
 from harmon.processing import image_to_tensor
+from harmon.settings import GenerationSettings
 from harmon.shapes import world
 
 from cli_helpers import assert_user_error
@@ -78,14 +80,15 @@ def test_pipelines_refuse_impossible_tiles_before_generating(shapes_model):
 
     tokenizer = load_tokenizer(default_model_folder(), 512)
     steps = []
-    with pytest.raises(ValueError, match="vae_tile"):
-        TextToImagePipeline(shapes_model, tokenizer)("a red circle", vae_tile=1, callback=steps.append,
-                                                     progress=False)
+    # the settings refuse the tile as they are made, before any pipeline runs
+    with pytest.raises(InputError, match="vae_tile"):
+        TextToImagePipeline(shapes_model, tokenizer)("a red circle", GenerationSettings(vae_tile=1),
+                                                     callback=steps.append, progress=False)
     assert steps == []  # refused before the first MAR iteration
     region = variation_region(Image.new("RGB", (64, 64), world.BACKGROUND), 0.5, torch.Generator().manual_seed(0),
                               stride=shapes_model.config.mar.vae_stride)
-    with pytest.raises(ValueError, match="vae_tile"):
-        EditPipeline(shapes_model, tokenizer)(region, "a red circle", vae_tile=0)
+    with pytest.raises(InputError, match="vae_tile"):
+        EditPipeline(shapes_model, tokenizer)(region, "a red circle", GenerationSettings(vae_tile=0))
 
 
 def test_cli_generates_with_tiles_and_refuses_tiny_tiles(tmp_path, capsys):
@@ -96,4 +99,4 @@ def test_cli_generates_with_tiles_and_refuses_tiny_tiles(tmp_path, capsys):
         assert im.size == (128, 128) and im.text["vae_tile"] == "8"
     capsys.readouterr()
     code = main(["generate", "a red circle", "--vae-tile", "1", "--out", str(tmp_path / "x.png")])
-    assert_user_error(code, capsys, "--vae-tile")
+    assert_user_error(code, capsys, "vae_tile must be None or at least 2")

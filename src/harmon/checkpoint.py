@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import PRESETS, HarmonConfig, VAEConfig
+from .errors import InputError
 from .files import write_atomically
 from .models.harmon import Harmon, qwen2_config
 from .release import ReleaseConfigError, config_from_release, is_release_config, release_config
@@ -37,7 +38,7 @@ WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 RELEASED_PRESETS = ("harmon-0.5b", "harmon-1.5b")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be loaded as asked, with the reason."""
 
 
@@ -131,7 +132,7 @@ def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
     with open(path, "rb") as fh:
         length = int.from_bytes(fh.read(8), "little")
         if not 0 < length <= min(path.stat().st_size - 8, 100_000_000):
-            raise ValueError(f"header length {length}")
+            raise InputError(f"header length {length}")
         return 8 + length, json.loads(fh.read(length))
 
 
@@ -409,7 +410,7 @@ def _cpu_state(model: Harmon, dtype: torch.dtype | None, *, tied_head: bool) -> 
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n"))
+    write_atomically(path, json.dumps(data, indent=1) + "\n")
 
 
 def _write_safetensors(path: Path, state: dict[str, torch.Tensor]) -> None:

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .errors import InputError
 from .validation import check_field_types, check_range
 
 
@@ -19,7 +20,7 @@ def _from_dict(cls, data: dict[str, Any], what: str):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"unknown {what} config keys: {unknown}; expected a subset of {sorted(known)}")
+        raise InputError(f"unknown {what} config keys: {unknown}; expected a subset of {sorted(known)}")
     return cls(**data)
 
 
@@ -48,12 +49,12 @@ class VAEConfig:
         for name in ("embed_dim", "ch", "num_res_blocks", "z_channels", "resolution", "in_channels", "out_ch"):
             check_range(getattr(self, name), f"vae.{name}", 1)
         if not self.ch_mult or min(self.ch_mult) < 1:
-            raise ValueError(f"vae.ch_mult must be positive integers, got {self.ch_mult}")
+            raise InputError(f"vae.ch_mult must be positive integers, got {self.ch_mult}")
         check_range(self.dropout, "vae.dropout", 0, 1, high_open=True)
         if self.ch % 32:
-            raise ValueError(f"VAE base width ch={self.ch} must be a multiple of 32 (GroupNorm uses 32 groups)")
+            raise InputError(f"VAE base width ch={self.ch} must be a multiple of 32 (GroupNorm uses 32 groups)")
         if not self.double_z:
-            raise ValueError("only the variational KL autoencoder (double_z=True) is supported")
+            raise InputError("only the variational KL autoencoder (double_z=True) is supported")
 
     @property
     def stride(self) -> int:
@@ -106,13 +107,13 @@ class MARConfig:
         check_range(self.mlp_ratio, "mar.mlp_ratio", 0, low_open=True)
         check_range(self.norm_layer_eps, "mar.norm_layer_eps", 0, low_open=True)
         if self.patch_size != 1:
-            raise ValueError(f"Harmon uses patch_size=1 (one token per latent pixel), got {self.patch_size}")
+            raise InputError(f"Harmon uses patch_size=1 (one token per latent pixel), got {self.patch_size}")
         if self.img_size % self.vae_stride:
-            raise ValueError(f"img_size {self.img_size} is not a multiple of vae_stride {self.vae_stride}")
+            raise InputError(f"img_size {self.img_size} is not a multiple of vae_stride {self.vae_stride}")
         for dim, heads, name in ((self.encoder_embed_dim, self.encoder_num_heads, "encoder"),
                                  (self.decoder_embed_dim, self.decoder_num_heads, "decoder")):
             if dim % heads:
-                raise ValueError(f"{name}_embed_dim {dim} is not divisible by {name}_num_heads {heads}")
+                raise InputError(f"{name}_embed_dim {dim} is not divisible by {name}_num_heads {heads}")
 
     @property
     def seq_h(self) -> int:
@@ -161,9 +162,9 @@ class HarmonConfig:
         check_range(self.num_iter, "num_iter", 1)
         _check_llm(self.llm)
         if self.vae.embed_dim != self.mar.vae_embed_dim:
-            raise ValueError(f"VAE embed_dim {self.vae.embed_dim} != MAR vae_embed_dim {self.mar.vae_embed_dim}")
+            raise InputError(f"VAE embed_dim {self.vae.embed_dim} != MAR vae_embed_dim {self.mar.vae_embed_dim}")
         if self.vae.stride != self.mar.vae_stride:
-            raise ValueError(f"VAE stride {self.vae.stride} != MAR vae_stride {self.mar.vae_stride}")
+            raise InputError(f"VAE stride {self.vae.stride} != MAR vae_stride {self.mar.vae_stride}")
         object.__setattr__(self, "llm", copy.deepcopy(dict(self.llm)))
 
     @property
@@ -194,10 +195,10 @@ class HarmonConfig:
         data = dict(data)
         model_type = data.pop("model_type", "harmon")
         if model_type != "harmon":
-            raise ValueError(f"config.json has model_type {model_type!r}, expected 'harmon'")
+            raise InputError(f"config.json has model_type {model_type!r}, expected 'harmon'")
         missing = {"llm", "mar"} - set(data)
         if missing:
-            raise ValueError(f"Harmon config is missing {sorted(missing)}")
+            raise InputError(f"Harmon config is missing {sorted(missing)}")
         return _from_dict(cls, data, "harmon")
 
 
@@ -209,19 +210,19 @@ _LLM_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
 def _check_llm(llm: dict[str, Any]) -> None:
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
         if key not in llm:
-            raise ValueError(f"llm.{key} is missing")
+            raise InputError(f"llm.{key} is missing")
     for key in _LLM_SIZES:
         value = llm.get(key, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"llm.{key} must be a positive integer, got {value!r} ({type(value).__name__})")
+            raise InputError(f"llm.{key} must be a positive integer, got {value!r} ({type(value).__name__})")
     for key in ("rms_norm_eps", "rope_theta"):
         value = llm.get(key, 1.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-            raise ValueError(f"llm.{key} must be a positive number, got {value!r} ({type(value).__name__})")
+            raise InputError(f"llm.{key} must be a positive number, got {value!r} ({type(value).__name__})")
     if not isinstance(llm.get("tie_word_embeddings", False), bool):
-        raise ValueError(f"llm.tie_word_embeddings must be true or false, got {llm['tie_word_embeddings']!r}")
+        raise InputError(f"llm.tie_word_embeddings must be true or false, got {llm['tie_word_embeddings']!r}")
     if llm["hidden_size"] % llm["num_attention_heads"]:
-        raise ValueError(f"llm.hidden_size {llm['hidden_size']} is not divisible by llm.num_attention_heads "
+        raise InputError(f"llm.hidden_size {llm['hidden_size']} is not divisible by llm.num_attention_heads "
                          f"{llm['num_attention_heads']}")
 
 

@@ -15,6 +15,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .errors import InputError
+
 NUM_TRAIN_TIMESTEPS = 1000
 
 # network(x_t (N, C), original t (N,)) -> (N, 2C) = [eps, variance interpolation value]
@@ -38,20 +40,20 @@ def respaced_timesteps(num_steps: int, section_counts: str) -> list[int]:
     if text.startswith("ddim"):
         wanted = int(text[len("ddim"):])
         if wanted < 2:
-            raise ValueError(f"sampling needs at least 2 diffusion steps, got {section_counts!r}")
+            raise InputError(f"sampling needs at least 2 diffusion steps, got {section_counts!r}")
         for stride in range(1, num_steps):
             if len(range(0, num_steps, stride)) == wanted:
                 return list(range(0, num_steps, stride))
-        raise ValueError(f"cannot take exactly {wanted} of {num_steps} timesteps with an integer stride")
+        raise InputError(f"cannot take exactly {wanted} of {num_steps} timesteps with an integer stride")
     counts = [int(c) for c in text.split(",")]
     if sum(counts) < 2:
-        raise ValueError(f"sampling needs at least 2 diffusion steps, got {section_counts!r}")
+        raise InputError(f"sampling needs at least 2 diffusion steps, got {section_counts!r}")
     size_per, extra = divmod(num_steps, len(counts))
     start, kept = 0, set()
     for i, count in enumerate(counts):
         size = size_per + (1 if i < extra else 0)
         if not 1 <= count <= size:
-            raise ValueError(f"cannot take {count} sampling steps from a section of {size} timesteps")
+            raise InputError(f"cannot take {count} sampling steps from a section of {size} timesteps")
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
         cur = 0.0
         for _ in range(count):
@@ -69,9 +71,21 @@ def ddim_count(num_steps: int, wanted: int) -> int:
     counts = {len(range(0, num_steps, stride)) for stride in range(1, num_steps) if (num_steps - 1) % stride}
     fitting = [c for c in counts if c >= wanted]
     if not fitting:
-        raise ValueError(f"cannot take {wanted} of {num_steps} timesteps")
+        raise InputError(f"cannot take {wanted} of {num_steps} timesteps")
     return min(fitting)
 
+
+def sampling_spec(configured: str, num_steps: str | int | None = None) -> str:
+    """The respacing string for ``num_steps`` on a model configured to sample with ``configured``: the
+    configured one when None; a bare count N keeps the configured style (``"N"``, or for a model that samples
+    with ``"ddim..."`` the DDIM respacing of N steps, rounded up to a count that :func:`ddim_count` allows:
+    37 -> ``"ddim39"``); any other string (``"10,5"``, ``"ddim25"``) as it is."""
+    if num_steps is None:
+        return configured
+    spec = str(num_steps)
+    if spec.isdigit() and configured.startswith("ddim"):
+        return f"ddim{ddim_count(NUM_TRAIN_TIMESTEPS, int(spec))}"
+    return spec
 
 class GaussianDiffusion:
     """A (possibly respaced) diffusion process over ``NUM_TRAIN_TIMESTEPS`` cosine-schedule steps.

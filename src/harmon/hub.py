@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .checkpoint import CheckpointError, load_model
+from .errors import InputError
 from .models.harmon import Harmon
 
 PathLike = str | os.PathLike
@@ -150,13 +151,13 @@ def pick_device(name: str = "auto") -> torch.device:
             return torch.device("cuda")
         return torch.device("mps") if mps_ok else torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested, but CUDA is not available (try --device cpu)")
+        raise InputError(f"device {name!r} requested, but CUDA is not available (try --device cpu)")
     if name == "mps" and not mps_ok:
-        raise ValueError("device 'mps' requested, but MPS is not available (try --device cpu)")
+        raise InputError("device 'mps' requested, but MPS is not available (try --device cpu)")
     try:
         return torch.device(name)
     except RuntimeError as err:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or mps") from err
+        raise InputError(f"unknown device {name!r}: use auto, cpu, cuda or mps") from err
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -168,5 +169,5 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}: use auto, {', '.join(DTYPES)}")
+        raise InputError(f"unknown dtype {name!r}: use auto, {', '.join(DTYPES)}")
     return DTYPES[name]

@@ -26,6 +26,7 @@ from .models.diffusion_head import timestep_embedding
 from .pipelines.image_to_text import decode_tokens
 from .rng import ReferenceRNG
 from .sampling import StepInfo, generate_latents
+from .settings import DecodingSettings, GenerationSettings
 from .train.losses import image_to_text_loss, text_to_image_loss
 
 
@@ -200,8 +201,6 @@ def _case_diffloss(model: Harmon, fx: Fixture) -> Computed:
     x, t, c = fx["x"], fx["t"], fx["c"]
     # settings of this case's calls (see its "calls"); a fixture may override them in meta
     cfg = fx.meta.get("cfg", 3.0)
-    ps_temperature = fx.meta.get("ps_temperature", 0.7)
-    cfg_temperature = fx.meta.get("sample_cfg_temperature", 0.95)
     out: Computed = {
         "timestep_embedding": (timestep_embedding(t, net.time_embed.frequency_embedding_size), SINUSOID),
         "net_out": (net(x, t, c), MODULE),
@@ -226,6 +225,19 @@ def _case_diffloss(model: Harmon, fx: Fixture) -> Computed:
         for key in ("mean", "variance", "log_variance", "pred_xstart"):
             out[f"{prefix}.{key}"] = (res[key], MODULE)
 
+    out.update(_diffloss_draws(dl, fx, plain, guided))
+    return out
+
+
+def _diffloss_draws(dl, fx: Fixture, plain, guided) -> Computed:
+    """The diffloss case's random parts: single denoising steps, training losses, whole sampling loops, each
+    from its own seed of the fixture's meta; ``plain`` / ``guided`` are the denoiser without and with
+    guidance."""
+    gen, x, c = dl.gen_diffusion, fx["x"], fx["c"]
+    cfg = fx.meta.get("cfg", 3.0)
+    ps_temperature = fx.meta.get("ps_temperature", 0.7)
+    cfg_temperature = fx.meta.get("sample_cfg_temperature", 0.95)
+    out: Computed = {}
     rng = ReferenceRNG(0, fx.meta["ps_seed"])
     noise = rng.normal(*fx["ps_x_t"].shape)
     res = gen.p_sample(plain, fx["ps_x_t"], fx["ps_t"], noise, temperature=ps_temperature)
@@ -288,9 +300,11 @@ class _Recorder:
 def _run_sample(model: Harmon, ids, mask, run: dict, *, cfg: float, schedule: str, temperature: float):
     rec = _Recorder()
     shape = tuple(run["image_shape"])
+    stride = model.config.mar.vae_stride
+    settings = GenerationSettings(guidance_scale=cfg, cfg_schedule=schedule, temperature=temperature,
+                                  num_iter=run["num_iter"], height=shape[0] * stride, width=shape[1] * stride)
     rng = ReferenceRNG(run["np_seed"], run["torch_seed"])
-    tokens = generate_latents(model, ids, mask, rng, image_shape=shape, num_iter=run["num_iter"], cfg=cfg,
-                              cfg_schedule=schedule, temperature=temperature, callback=rec)
+    tokens = generate_latents(model, ids, mask, rng, settings, callback=rec)
     guided = cfg != 1.0
     b = tokens.shape[0]
     rows = 2 * b if guided else b
@@ -356,7 +370,8 @@ def _case_image2text(model: Harmon, fx: Fixture) -> Computed:
                              do_sample=False, max_new_tokens=fx.meta["num_generated"],
                              eos_token_id=special["im_end_eos"], pad_token_id=special["pad_endoftext"],
                              return_dict_in_generate=True, output_scores=True)
-    ours = list(decode_tokens(model, embeds, {special["im_end_eos"]}, max_new_tokens=fx.meta["num_generated"]))
+    settings = DecodingSettings(max_new_tokens=fx.meta["num_generated"])
+    ours = list(decode_tokens(model, embeds, {special["im_end_eos"]}, settings))
     if fx.meta.get("eos_hit"):
         ours.append(special["im_end_eos"])  # transformers keeps the stop token, our loop does not yield it
     return {"z_enc": (z_enc, MODULE), "inputs_embeds": (embeds, MODULE), "logits": (logits, MODULE),

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .errors import InputError
+
 CHAT_TEMPLATE = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"
 GENERATION_PREFIX = "Generate an image: "
 UNCONDITIONAL_PROMPT = "Generate an image."
@@ -47,18 +49,18 @@ def load_image(source: str | os.PathLike | Image.Image) -> Image.Image:
     else:
         name = os.fspath(source)
         if not os.path.isfile(name):
-            raise ValueError(f"image not found: {name}")
+            raise InputError(f"image not found: {name}")
         try:
             with Image.open(name) as opened:
                 if opened.width * opened.height > MAX_IMAGE_PIXELS:
-                    raise ValueError(f"{name} is {opened.width}x{opened.height} pixels, more than the "
+                    raise InputError(f"{name} is {opened.width}x{opened.height} pixels, more than the "
                                      f"{MAX_IMAGE_PIXELS} allowed")
                 opened.load()
                 image = opened.copy()
         except ValueError:
             raise
         except Exception as err:  # PIL raises many types for corrupt files
-            raise ValueError(f"cannot read image {name}: {err}") from err
+            raise InputError(f"cannot read image {name}: {err}") from err
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: rescale to 8 bits
         values = np.asarray(image, dtype=np.float64)
@@ -69,7 +71,7 @@ def load_image(source: str | os.PathLike | Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     if image.width < 1 or image.height < 1:
-        raise ValueError(f"{name} is empty ({image.width}x{image.height})")
+        raise InputError(f"{name} is empty ({image.width}x{image.height})")
     return image.convert("RGB")
 
 
@@ -103,17 +105,11 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(p.permute(1, 2, 0).numpy(), "RGB") for p in pixels]
 
 
-def check_vae_tile(tile: int | None) -> None:
-    """``vae_tile`` is None (decode whole) or a tile side of at least 2 latent cells; checked before generating."""
-    if tile is not None and (not isinstance(tile, int) or tile < 2):
-        raise ValueError(f"vae_tile must be None or at least 2 latent cells, got {tile!r}")
-
-
 def check_image_size(height: int, width: int, stride: int = 16) -> tuple[int, int]:
     """The latent grid (h, w) of an image size; sizes must be positive multiples of ``stride``."""
     for name, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or value < stride or value % stride:
-            raise ValueError(f"image {name} must be a positive multiple of {stride} pixels, got {value!r}")
+            raise InputError(f"image {name} must be a positive multiple of {stride} pixels, got {value!r}")
     return height // stride, width // stride
 
 
@@ -122,8 +118,8 @@ def check_understanding_size(image_size: int, stride: int, buffer_size: int, max
     room for a question in the LLM's positions. Checked before the VAE sees the image (its memory grows
     with the size)."""
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < stride or image_size % stride:
-        raise ValueError(f"image_size must be a positive multiple of {stride}, got {image_size!r}")
+        raise InputError(f"image_size must be a positive multiple of {stride}, got {image_size!r}")
     tokens = (image_size // stride) ** 2 + buffer_size
     if tokens >= max_positions:
-        raise ValueError(f"image_size {image_size} makes {tokens} image tokens, more than the LLM's {max_positions} "
+        raise InputError(f"image_size {image_size} makes {tokens} image tokens, more than the LLM's {max_positions} "
                          "positions hold with a question")

@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any
 
 from .config import HarmonConfig, MARConfig, VAEConfig
+from .errors import InputError
 
 # what the release's model code builds regardless of config.json
 RELEASE_VAE = VAEConfig(embed_dim=16, ch_mult=(1, 1, 2, 2, 4))
@@ -55,7 +56,7 @@ _HARMON_FIELDS = ("name", "image_size", "num_iter")
 RELEASE_TRANSFORMERS = "4.45.2"
 
 
-class ReleaseConfigError(ValueError):
+class ReleaseConfigError(InputError):
     """A release ``config.json`` that cannot be read as Harmon's, naming the field."""
 
 

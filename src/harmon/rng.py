@@ -16,13 +16,15 @@ import numpy as np
 import torch
 from scipy import stats
 
+from .errors import InputError
+
 
 class SeededRNG:
     """Per-image generators: ``SeededRNG.from_seeds([1, 2])`` or ``SeededRNG([g1, g2])``."""
 
     def __init__(self, generators: list[torch.Generator]):
         if not generators:
-            raise ValueError("SeededRNG needs at least one generator")
+            raise InputError("SeededRNG needs at least one generator")
         self.generators = list(generators)
 
     @classmethod
@@ -31,7 +33,7 @@ class SeededRNG:
 
     def _check(self, num_images: int) -> None:
         if num_images != len(self.generators):
-            raise ValueError(f"{len(self.generators)} generators for {num_images} images: pass one per image")
+            raise InputError(f"{len(self.generators)} generators for {num_images} images: pass one per image")
 
     def orders(self, num_images: int, seq_len: int, guided: bool) -> torch.Tensor:
         """(num_images, seq_len) int64: a random generation order per image."""
@@ -141,7 +143,7 @@ class TrainingRNG:
     def _per_sample(self, num_images: int, rows_per_image: int, mul: int, purpose: int, draw) -> torch.Tensor:
         # each sample draws its own (mul, L, ...) block; rows are laid out [all B*L tokens] x mul (tiled)
         if num_images != len(self.sample_ids):
-            raise ValueError(f"{num_images} images but {len(self.sample_ids)} sample ids")
+            raise InputError(f"{num_images} images but {len(self.sample_ids)} sample ids")
         blocks = torch.stack([draw(mul * rows_per_image, self._sample_generator(i, purpose))
                               for i in range(num_images)])  # (B, mul*L, ...)
         return blocks.unflatten(1, (mul, rows_per_image)).transpose(0, 1).flatten(0, 2)

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, Protocol, Sequence
+from typing import Callable, Literal, Protocol
 
 import numpy as np
 import torch
 from transformers import DynamicCache
 
+from .errors import InputError
 from .models.harmon import Harmon, crop_cache, reserve_room
+from .settings import GenerationSettings
 
 
 class TokenRNG(Protocol):
@@ -57,7 +59,7 @@ def cfg_at_step(cfg: float, schedule: Literal["constant", "linear"], seq_len: in
     if schedule == "linear":
         ml = torch.tensor(float(mask_len), dtype=torch.float32)
         return float(1 + (cfg - 1) * (seq_len - ml) / seq_len)
-    raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {schedule!r}")
+    raise InputError(f"cfg_schedule must be 'constant' or 'linear', got {schedule!r}")
 
 
 def prefill_shared(model: Harmon, input_ids: torch.Tensor) -> DynamicCache:
@@ -71,69 +73,37 @@ def prefill_shared(model: Harmon, input_ids: torch.Tensor) -> DynamicCache:
     return cache
 
 
-def steps_schedule(num_steps: str | int | Sequence[int | str] | None, num_iter: int) -> list[str | None]:
-    """Diffusion steps for each MAR iteration: one value for all, or one per iteration (e.g. annealed)."""
-    if num_steps is None or isinstance(num_steps, (str, int)):
-        return [None if num_steps is None else str(num_steps)] * num_iter
-    steps = [str(s) for s in num_steps]
-    if len(steps) != num_iter:
-        raise ValueError(f"{len(steps)} diffusion step counts for {num_iter} MAR iterations")
-    return steps
-
-
-def annealed_steps(start: int, end: int, num_iter: int) -> list[int]:
-    """Diffusion steps falling linearly from ``start`` (first iteration) to ``end`` (last), as in DiSA."""
-    if num_iter == 1:
-        return [end]
-    return [round(start + (end - start) * k / (num_iter - 1)) for k in range(num_iter)]
-
-
 @torch.no_grad()
-def generate_latents(model: Harmon, input_ids: torch.Tensor, attention_mask: torch.Tensor, rng: TokenRNG, *,
-                     image_shape: tuple[int, int], num_iter: int = 64, cfg: float = 3.0,
-                     cfg_schedule: Literal["constant", "linear"] = "constant", temperature: float = 1.0,
-                     num_steps: str | int | Sequence[int | str] | None = None,
-                     known_tokens: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
+def generate_latents(model: Harmon, input_ids: torch.Tensor, attention_mask: torch.Tensor, rng: TokenRNG,
+                     settings: GenerationSettings | None = None, *,
+                     known: tuple[torch.Tensor, torch.Tensor] | None = None,
                      callback: Callable[[StepInfo], None] | None = None) -> torch.Tensor:
-    """Generate latent tokens (B, h, w, C) for B prompts.
+    """Generate latent tokens (B, h, w, C) for B prompts with ``settings`` (resolved for the model here;
+    the latent grid (h, w) is their image size over the VAE stride).
 
-    input_ids / attention_mask: right-padded chat prompts; with ``cfg != 1`` they
-    hold B conditional rows followed by B unconditional rows (2B in all).
-    ``num_steps`` overrides the diffusion head's configured sampling steps, with
-    one value or one per MAR iteration. ``known_tokens`` (B, h, w, C) with
-    ``known_mask`` (B, h*w) bool, True = known, give tokens that are kept as they
-    are (inpainting, outpainting, variations): only the others are generated, in
-    the same loop, with the mask schedule over the unknown tokens. Every image
-    must have the same number of unknown tokens.
+    input_ids / attention_mask: right-padded chat prompts; with guidance (``guidance_scale != 1``) they
+    hold B conditional rows followed by B unconditional rows (2B in all). ``known`` = (tokens (B, h, w, C),
+    mask (B, h*w) bool, True = known) gives tokens that are kept as they are (inpainting, outpainting,
+    variations): only the others are generated, in the same loop, with the mask schedule over the unknown
+    tokens. Every image must have the same number of unknown tokens.
     """
+    settings = (settings or GenerationSettings()).resolve(model.config)
+    num_iter, cfg, temperature = settings.num_iter, settings.guidance_scale, settings.temperature
     guided = cfg != 1.0
     rows = input_ids.shape[0]
     if guided and rows % 2:
-        raise ValueError(f"with guidance the batch is [cond; uncond] and must be even, got {rows} rows")
-    if num_iter < 1:
-        raise ValueError(f"num_iter must be >= 1, got {num_iter}")
+        raise InputError(f"with guidance the batch is [cond; uncond] and must be even, got {rows} rows")
     b = rows // 2 if guided else rows
-    h, w = image_shape
+    h, w = settings.grid(model.config.mar.vae_stride)
     seq_len, c = h * w, model.token_dim
     device, dtype = model.device, model.dtype
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    steps = steps_schedule(num_steps, num_iter)
+    steps = settings.num_steps if isinstance(settings.num_steps, tuple) else (settings.num_steps,) * num_iter
 
     orders = rng.orders(b, seq_len, guided).to(device)               # (B, L)
     tokens = torch.zeros(b, seq_len, c, device=device, dtype=dtype)  # (B, L, C)
     mask = torch.ones(b, seq_len, device=device)                     # float32, 1 = still to generate
-    to_generate = seq_len
-    if known_mask is not None:
-        known_mask = known_mask.to(device=device, dtype=torch.bool).reshape(b, seq_len)
-        unknown = (~known_mask).sum(dim=1).tolist()
-        if len(set(unknown)) != 1 or unknown[0] == 0:
-            raise ValueError("every image needs the same, non-zero number of tokens to generate")
-        to_generate = unknown[0]
-        tokens[known_mask] = known_tokens.to(device=device, dtype=dtype).reshape(b, seq_len, c)[known_mask]
-        mask[known_mask] = 0.0
-        # unknown positions first, each image keeping its random order among them
-        orders = torch.gather(orders, 1, torch.argsort(known_mask.gather(1, orders).to(torch.int8), dim=1,
-                                                       stable=True))
+    to_generate = seq_len if known is None else _keep_known(known, tokens, mask, orders)
     prefix_len = input_ids.shape[1]
     # room for one iteration's image tokens (buffer + visible), allocated once
     cache = reserve_room(prefill_shared(model, input_ids), model.buffer_size + seq_len)
@@ -156,7 +126,7 @@ def generate_latents(model: Harmon, input_ids: torch.Tensor, attention_mask: tor
         z_pred = _take(z[:b], positions)  # (B * per_image, D_dec)
         if guided:
             z_pred = torch.cat([z_pred, _take(z[b:], positions)])
-        cfg_iter = cfg_at_step(cfg, cfg_schedule, to_generate, mask_len)
+        cfg_iter = cfg_at_step(cfg, settings.cfg_schedule, to_generate, mask_len)
         # the diffusion state stays float32 whatever the model's dtype
         x_T = rng.start_noise(b, per_image, c, guided).to(device=device, dtype=torch.float32)
         sampled = model.mar.diffloss.sample(
@@ -168,6 +138,27 @@ def generate_latents(model: Harmon, input_ids: torch.Tensor, attention_mask: tor
             callback(StepInfo(step, num_iter, to_pred, mask_len, cfg_iter, z_pred, sampled, tokens))
         mask, masked = mask_next, mask_len
     return tokens.view(b, h, w, c)
+
+
+def _keep_known(known: tuple[torch.Tensor, torch.Tensor], tokens: torch.Tensor, mask: torch.Tensor,
+                orders: torch.Tensor) -> int:
+    """Write the known tokens into ``tokens`` (B, L, C), mark them done in ``mask`` (B, L) and move them to the
+    end of each image's ``orders`` (B, L), in place; returns how many tokens each image has left to generate.
+
+    ``known`` = (tokens (B, h, w, C), mask (B, h*w) bool, True = known), as :func:`generate_latents` takes it.
+    """
+    b, seq_len, c = tokens.shape
+    known_tokens, known_mask = known
+    known_mask = known_mask.to(device=tokens.device, dtype=torch.bool).reshape(b, seq_len)
+    unknown = (~known_mask).sum(dim=1).tolist()
+    if len(set(unknown)) != 1 or unknown[0] == 0:
+        raise InputError("every image needs the same, non-zero number of tokens to generate")
+    tokens[known_mask] = known_tokens.to(device=tokens.device, dtype=tokens.dtype).reshape(b, seq_len, c)[known_mask]
+    mask[known_mask] = 0.0
+    # unknown positions first, each image keeping its random order among them
+    orders.copy_(torch.gather(orders, 1, torch.argsort(known_mask.gather(1, orders).to(torch.int8), dim=1,
+                                                       stable=True)))
+    return unknown[0]
 
 
 def _take(rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

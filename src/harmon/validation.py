@@ -11,6 +11,8 @@ import types
 import typing
 from typing import Any, Literal
 
+from .errors import InputError
+
 
 def check_text(text: Any, what: str) -> str:
     """``text`` if it is a string that can be written as UTF-8; else ``ValueError`` naming ``what``.
@@ -19,11 +21,11 @@ def check_text(text: Any, what: str) -> str:
     bytes such as ``\\xff`` so; JSON may spell ``\\ud800``): no tokenizer can encode them.
     """
     if not isinstance(text, str):
-        raise ValueError(f"{what} must be text, got {type(text).__name__}")
+        raise InputError(f"{what} must be text, got {type(text).__name__}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise ValueError(f"{what} is not valid UTF-8 text: character {err.start} is {text[err.start]!r} (bytes "
+        raise InputError(f"{what} is not valid UTF-8 text: character {err.start} is {text[err.start]!r} (bytes "
                          "that are not UTF-8, or a lone surrogate); give UTF-8 text") from None
     return text
 
@@ -32,19 +34,8 @@ def check_prompt(text: Any, what: str = "the prompt") -> str:
     """A usable prompt or question: UTF-8 text that is not blank (:func:`check_text`)."""
     check_text(text, what)
     if not text.strip():
-        raise ValueError(f"{what} is empty")
+        raise InputError(f"{what} is empty")
     return text
-
-
-def check_guidance(guidance_scale: Any, cfg_schedule: Any, temperature: Any) -> None:
-    """The guidance scale (finite, >= 1; 1 disables guidance), its schedule and the sampling temperature
-    (finite, > 0): an infinite or NaN value would give a black or empty image, not an error."""
-    if not (_matches(guidance_scale, float) and guidance_scale >= 1.0):
-        raise ValueError(f"guidance_scale must be a finite number >= 1 (1 disables guidance), got {guidance_scale!r}")
-    if cfg_schedule not in ("constant", "linear"):
-        raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {cfg_schedule!r}")
-    if not (_matches(temperature, float) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
 def _describe(value: Any) -> str:
@@ -91,7 +82,7 @@ def check_field_types(obj: Any, where: str) -> None:
         value = getattr(obj, f.name)
         if not _matches(value, hints[f.name]):
             name = f"{where}.{f.name}" if where else f.name
-            raise ValueError(f"{name} must be {_expected(hints[f.name])}, got {_describe(value)}")
+            raise InputError(f"{name} must be {_expected(hints[f.name])}, got {_describe(value)}")
 
 
 def _expected(hint: Any) -> str:
@@ -114,4 +105,4 @@ def check_range(value: float, where: str, low: float | None = None, high: float 
         right = "" if high is None else f"{high}" + (")" if high_open else "]")
         bound = f"in {left}, {right}" if low is not None and high is not None else \
             (f"{'>' if low_open else '>='} {low}" if low is not None else f"{'<' if high_open else '<='} {high}")
-        raise ValueError(f"{where} must be {bound}, got {value!r}")
+        raise InputError(f"{where} must be {bound}, got {value!r}")

@@ -26,7 +26,9 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 from tqdm import tqdm
 
+from ..errors import InputError
 from ..pipelines import ImageToTextPipeline
+from ..settings import DecodingSettings
 
 DEFAULT_MAX_NEW_TOKENS = 128  # lmms-eval's own default when a task names none
 log = logging.getLogger(__name__)
@@ -45,14 +47,14 @@ class HarmonLMM(lmms):
                  max_batch_size: int | None = None, **unused: Any) -> None:
         super().__init__()
         if unused:
-            raise ValueError(f"harmon: model_args not understood: {sorted(unused)}; known: pretrained, device, "
+            raise InputError(f"harmon: model_args not understood: {sorted(unused)}; known: pretrained, device, "
                              "dtype, image_size")
         size = None if image_size in (None, "") else int(image_size)
         self.pipe = ImageToTextPipeline.from_pretrained(pretrained or None, device=device or "auto", dtype=dtype,
                                                         image_size=size)
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
-            raise ValueError(f"harmon: batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"harmon: batch_size must be >= 1, got {batch_size}")
 
     @property
     def device(self):
@@ -67,11 +69,12 @@ class HarmonLMM(lmms):
                 context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
                 visuals = [v for v in doc_to_visual(self.task_dict[task][split][doc_id]) if v is not None]
                 if not visuals:
-                    raise ValueError(f"{task} document {doc_id} has no image; Harmon answers about an image")
+                    raise InputError(f"{task} document {doc_id} has no image; Harmon answers about an image")
                 several_images += len(visuals) > 1
                 images.append(visuals[0].convert("RGB"))
                 contexts.append(context)
-            drawn = self.pipe.answer_batch(images, contexts, max_new_tokens=_max_new_tokens(chunk[0]))
+            decoding = DecodingSettings(max_new_tokens=_max_new_tokens(chunk[0]))  # greedy, as the original
+            drawn = self.pipe.answer_batch(images, contexts, decoding)
             for request, answer in zip(chunk, drawn):
                 context, gen_kwargs = request.args[:2]
                 answers.append(_cut(answer, gen_kwargs.get("until")))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..diffusion import NUM_TRAIN_TIMESTEPS, GaussianDiffusion, ddim_count
+from ..diffusion import GaussianDiffusion, sampling_spec
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -127,17 +127,8 @@ class DiffLoss(nn.Module):
         self._sampling_processes = {self.num_sampling_steps: self.gen_diffusion}
 
     def sampling_spec(self, num_steps: str | int | None = None) -> str:
-        """The respacing string for ``num_steps``: the configured one when None; a bare count N keeps the
-        configured style (``"N"``, or for a model that samples with ``"ddim..."`` the DDIM respacing of N
-        steps, rounded up to a count that :func:`~harmon.diffusion.ddim_count` allows: 37 -> ``"ddim39"``);
-        any other string
-        (``"10,5"``, ``"ddim25"``) as it is."""
-        if num_steps is None:
-            return self.num_sampling_steps
-        spec = str(num_steps)
-        if spec.isdigit() and self.num_sampling_steps.startswith("ddim"):
-            return f"ddim{ddim_count(NUM_TRAIN_TIMESTEPS, int(spec))}"
-        return spec
+        """The respacing string for ``num_steps`` under this head's configured one (:func:`sampling_spec`)."""
+        return sampling_spec(self.num_sampling_steps, num_steps)
 
     def sampling_process(self, num_steps: str | int | None = None) -> GaussianDiffusion:
         """The respaced process for ``num_steps`` (see :meth:`sampling_spec`), built once per value."""

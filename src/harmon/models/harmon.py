@@ -17,6 +17,7 @@ from transformers import DynamicCache, DynamicLayer, Qwen2Config, Qwen2ForCausal
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
 from ..config import HarmonConfig
+from ..errors import InputError
 from .mar import MAR
 from .vae import AutoencoderKL
 
@@ -171,7 +172,7 @@ class Harmon(nn.Module):
         """Token embeddings with the ``image_token_id`` slots filled, in order, by image_embeds (B, n, H)."""
         is_image = input_ids == image_token_id
         if int(is_image.sum()) != image_embeds.shape[0] * image_embeds.shape[1]:
-            raise ValueError(f"the prompt has {int(is_image.sum())} image placeholder tokens but the image gives "
+            raise InputError(f"the prompt has {int(is_image.sum())} image placeholder tokens but the image gives "
                              f"{image_embeds.shape[0] * image_embeds.shape[1]} embeddings")
         embed = self.llm.get_input_embeddings()
         out = image_embeds.new_zeros(*input_ids.shape, image_embeds.shape[-1])
@@ -229,7 +230,7 @@ class RoomyLayer(DynamicLayer):
         start = self.keys.shape[-2]
         end = start + key_states.shape[-2]
         if end > self._keys.shape[-2]:
-            raise ValueError(f"the KV cache has room for {self._keys.shape[-2]} positions, {end} were asked")
+            raise InputError(f"the KV cache has room for {self._keys.shape[-2]} positions, {end} were asked")
         self._keys[:, :, start:end], self._values[:, :, start:end] = key_states, value_states
         self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
         return self.keys, self.values

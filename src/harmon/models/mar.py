@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import MARConfig
+from ..errors import InputError
 from .diffusion_head import DiffLoss
 
 
@@ -182,5 +183,5 @@ def masked_per_row(mask: torch.Tensor) -> int:
     """
     counts = (mask != 0).sum(dim=1).tolist()
     if len(set(counts)) > 1:
-        raise ValueError(f"every row of the mask must hide the same number of tokens, got {counts}")
+        raise InputError(f"every row of the mask must hide the same number of tokens, got {counts}")
     return counts[0] if counts else 0

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VAEConfig
+from ..errors import InputError
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -218,7 +219,7 @@ class AutoencoderKL(nn.Module):
         b, _, h, w = latents.shape
         overlap = tile // 4 if overlap is None else overlap
         if tile < 2 or not 0 <= overlap < tile:
-            raise ValueError(f"tiles need tile >= 2 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
+            raise InputError(f"tiles need tile >= 2 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
         if h <= tile and w <= tile:
             return self.decode(latents)
         rows, cols = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)

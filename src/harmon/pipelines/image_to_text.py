@@ -13,37 +13,32 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
+from ..errors import InputError
 from ..hub import load_pretrained
 from ..models.harmon import Harmon
 from ..processing import IMAGE_TOKEN, chat_prompt, check_understanding_size, load_image, understanding_input
+from ..settings import DecodingSettings
 from ..validation import check_prompt
 
 CHAT_TURN_END = "<|im_end|>\n"
 
 
 @torch.no_grad()
-def decode_tokens(model: Harmon, inputs_embeds: torch.Tensor, stop_ids: set[int], *, max_new_tokens: int = 1024,
-                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                  generator: torch.Generator | None = None) -> Iterator[int]:
-    """Yield new token ids after a prompt (1, T, H) until a stop id or ``max_new_tokens`` (greedy by default).
-
-    Sampling (``do_sample``) uses ``temperature`` and nucleus ``top_p`` and draws only from ``generator``.
-    """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if do_sample and generator is None:  # never the global RNG: a fresh, unpredictable seed instead
+def decode_tokens(model: Harmon, inputs_embeds: torch.Tensor, stop_ids: set[int],
+                  settings: DecodingSettings | None = None, generator: torch.Generator | None = None
+                  ) -> Iterator[int]:
+    """Yield new token ids after a prompt (1, T, H) until a stop id or ``settings.max_new_tokens`` (greedy by
+    default); sampling draws only from ``generator`` (a fresh random seed when None)."""
+    settings = settings or DecodingSettings()
+    if settings.do_sample and generator is None:  # never the global RNG: a fresh, unpredictable seed instead
         generator = torch.Generator().manual_seed(secrets.randbits(62))
     llm = model.llm
     limit = int(llm.config.max_position_embeddings)
     cache = DynamicCache(config=llm.config)
     out = llm(inputs_embeds=inputs_embeds, cache=cache, use_cache=True, logits_to_keep=1)
-    for _ in range(min(max_new_tokens, limit - inputs_embeds.shape[1])):
+    for _ in range(min(settings.max_new_tokens, limit - inputs_embeds.shape[1])):
         logits = out.logits[0, -1].float()  # (V,)
-        token = _choose(logits, do_sample, temperature, top_p, generator)
+        token = _choose(logits, settings, generator)
         if token in stop_ids:
             return
         yield token
@@ -56,8 +51,6 @@ def batched_greedy(model: Harmon, prompts: Sequence[torch.Tensor], stop_ids: set
     """Greedy continuations of several prompt embeddings (T_i, H) at once, left-padded into one batch; each row
     ends at a stop id (left out) or after ``max_new_tokens``. The batch's shape changes the numbers by float
     rounding only, so a row's tokens are those :func:`decode_tokens` gives it alone, but for near ties."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     llm = model.llm
     width = max(p.shape[0] for p in prompts)
     embeds = prompts[0].new_zeros(len(prompts), width, prompts[0].shape[-1])  # (B, T, H)
@@ -88,11 +81,11 @@ def batched_greedy(model: Harmon, prompts: Sequence[torch.Tensor], stop_ids: set
     return answers
 
 
-def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
-            generator: torch.Generator) -> int:
-    if not do_sample:
+def _choose(logits: torch.Tensor, settings: DecodingSettings, generator: torch.Generator | None) -> int:
+    if not settings.do_sample:
         return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)
+    top_p = settings.top_p
+    probs = torch.softmax(logits / settings.temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # the smallest prefix reaching top_p
@@ -142,38 +135,43 @@ class ImageToTextPipeline:
     def prompt_embeds(self, conversation: str, image_embeds: torch.Tensor) -> torch.Tensor:
         """Templated text with one ``<image>`` -> input embeddings (1, T, H), the image run expanded in place."""
         if conversation.count(IMAGE_TOKEN) != 1:
-            raise ValueError(f"the conversation must hold exactly one {IMAGE_TOKEN} placeholder")
+            raise InputError(f"the conversation must hold exactly one {IMAGE_TOKEN} placeholder")
         expanded = conversation.replace(IMAGE_TOKEN, IMAGE_TOKEN * image_embeds.shape[1])
         ids = torch.tensor([self.tokenizer.encode(expanded, add_special_tokens=False)], device=self.model.device)
         limit = int(self.model.llm.config.max_position_embeddings)
         if ids.shape[1] >= limit:
-            raise ValueError(f"the prompt takes {ids.shape[1]} tokens, the LLM has {limit} positions")
+            raise InputError(f"the prompt takes {ids.shape[1]} tokens, the LLM has {limit} positions")
         return self.model.multimodal_embeds(ids, image_embeds, self.image_token_id)
 
-    def generate_ids(self, inputs_embeds: torch.Tensor, **decode) -> Iterator[int]:
-        """New token ids for one prompt (1, T, H); see :func:`decode_tokens` for the options."""
-        return decode_tokens(self.model, inputs_embeds, self.stop_ids, **decode)
+    def generate_ids(self, inputs_embeds: torch.Tensor, settings: DecodingSettings | None = None,
+                     generator: torch.Generator | None = None) -> Iterator[int]:
+        """New token ids for one prompt (1, T, H); see :func:`decode_tokens`."""
+        return decode_tokens(self.model, inputs_embeds, self.stop_ids, settings, generator)
 
-    def stream(self, image: str | Image.Image, question: str, **decode) -> Iterator[str]:
-        """Yield the answer as text pieces while it is generated."""
+    def stream(self, image: str | Image.Image, question: str, settings: DecodingSettings | None = None,
+               generator: torch.Generator | None = None) -> Iterator[str]:
+        """Yield the answer as text pieces while it is generated (``settings``: greedy by default)."""
         check_prompt(question, "the question")
         embeds = self.prompt_embeds(chat_prompt(f"{IMAGE_TOKEN}\n{question}"), self.image_embeds(image))
-        yield from self.decode_text(self.generate_ids(embeds, **decode))
+        yield from self.decode_text(self.generate_ids(embeds, settings, generator))
 
     @torch.no_grad()
-    def answer_batch(self, images: Sequence[str | Image.Image], questions: Sequence[str], *,
-                     max_new_tokens: int = 1024) -> list[str]:
+    def answer_batch(self, images: Sequence[str | Image.Image], questions: Sequence[str],
+                     settings: DecodingSettings | None = None) -> list[str]:
         """Greedy answers to ``questions[i]`` about ``images[i]``, drawn together: the images encoded in one pass,
         the prompts left-padded into one batch of the LLM. Each answer is what ``pipe(images[i], questions[i])``
         gives, up to float rounding (batch-shaped kernels)."""
+        settings = settings or DecodingSettings()
+        if settings.do_sample:
+            raise InputError("answer_batch decodes greedily: give settings with do_sample=False")
         if len(images) != len(questions) or not images:
-            raise ValueError(f"{len(images)} images for {len(questions)} questions: give one question per image")
+            raise InputError(f"{len(images)} images for {len(questions)} questions: give one question per image")
         for question in questions:
             check_prompt(question, "the question")
         visual = self.images_embeds(images)  # (B, N, H)
         rows = [self.prompt_embeds(chat_prompt(f"{IMAGE_TOKEN}\n{q}"), visual[i:i + 1])[0]
                 for i, q in enumerate(questions)]  # (T_i, H) each
-        ids = batched_greedy(self.model, rows, self.stop_ids, max_new_tokens)
+        ids = batched_greedy(self.model, rows, self.stop_ids, settings.max_new_tokens)
         return [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
 
     def decode_text(self, ids: Iterator[int]) -> Iterator[str]:
@@ -192,11 +190,12 @@ class ImageToTextPipeline:
             yield text[len(emitted):]
 
     def __call__(self, image: str | Image.Image | Sequence[str | Image.Image], question: str,
-                 **decode) -> str | list[str]:
+                 settings: DecodingSettings | None = None, generator: torch.Generator | None = None
+                 ) -> str | list[str]:
         """Answer ``question`` about one image (a string) or each of a list of images (a list of strings)."""
         if isinstance(image, (list, tuple)):
-            return [self(im, question, **decode) for im in image]
-        return "".join(self.stream(image, question, **decode))
+            return [self(im, question, settings, generator) for im in image]
+        return "".join(self.stream(image, question, settings, generator))
 
 
 class ChatSession:
@@ -214,18 +213,22 @@ class ChatSession:
             text += chat_prompt(f"{IMAGE_TOKEN}\n{q}" if i == 0 else q) + a + CHAT_TURN_END
         return text + chat_prompt(f"{IMAGE_TOKEN}\n{question}" if not self.history else question)
 
-    def stream(self, question: str, **decode) -> Iterator[str]:
+    def stream(self, question: str, settings: DecodingSettings | None = None,
+               generator: torch.Generator | None = None) -> Iterator[str]:
+        """Yield the next answer as text pieces; the turn joins the history when the answer is complete."""
         check_prompt(question, "the question")
         embeds = self.pipeline.prompt_embeds(self.conversation(question), self.image_embeds)
         answer = ""
-        for piece in self.pipeline.decode_text(self.pipeline.generate_ids(embeds, **decode)):
+        for piece in self.pipeline.decode_text(self.pipeline.generate_ids(embeds, settings, generator)):
             answer += piece
             yield piece
         self.history.append((question, answer))
 
-    def ask(self, question: str, on_text: Callable[[str], None] | None = None, **decode) -> str:
+    def ask(self, question: str, settings: DecodingSettings | None = None, generator: torch.Generator | None = None,
+            on_text: Callable[[str], None] | None = None) -> str:
+        """The next answer, whole; ``on_text`` receives its pieces as they come."""
         pieces = []
-        for piece in self.stream(question, **decode):
+        for piece in self.stream(question, settings, generator):
             pieces.append(piece)
             if on_text is not None:
                 on_text(piece)

@@ -2,56 +2,22 @@
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..diffusion import NUM_TRAIN_TIMESTEPS, respaced_timesteps
-from ..hub import load_pretrained
 from ..config import HarmonConfig
+from ..errors import InputError
+from ..hub import load_pretrained
 from ..models.harmon import Harmon
-from ..processing import (GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt, check_image_size, check_vae_tile,
-                          tensor_to_pil, tokenize_prompts)
+from ..processing import GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt, tensor_to_pil, tokenize_prompts
 from ..rng import ReferenceRNG, SeededRNG
-from ..sampling import StepInfo, annealed_steps, generate_latents
-from ..validation import check_guidance, check_prompt
-
-# The fast mode: half the MAR iterations, and diffusion steps annealed from 50 (first
-# iteration) to 5 (last), as DiSA does for Harmon. Off by default.
-FAST_STEPS = (50, 5)
-
-
-def iteration_schedule(model_num_iter: int, num_iter: int | None, num_steps: int | str | Sequence[int] | None,
-                       fast: bool) -> tuple[int, int | str | Sequence[int] | None]:
-    """(MAR iterations, diffusion steps) to sample with: those given; for those not given (None), the fast
-    mode's when ``fast`` (half the model's ``model_num_iter`` iterations, at least one, and steps annealed
-    50 -> 5 over them), else the model's (``num_steps`` None: its configured respacing)."""
-    if num_iter is None:
-        num_iter = max(1, model_num_iter // 2) if fast else model_num_iter
-    if num_steps is None and fast:
-        num_steps = annealed_steps(*FAST_STEPS, num_iter)
-    return num_iter, num_steps
-
-
-def check_sampling(model: Harmon, guidance_scale: float, cfg_schedule: str, temperature: float, num_iter: int,
-                   num_steps: int | str | Sequence[int] | None) -> None:
-    """The sampling settings of text-to-image and editing, checked before any work (finite numbers in range)."""
-    check_guidance(guidance_scale, cfg_schedule, temperature)
-    if not isinstance(num_iter, int) or isinstance(num_iter, bool) or num_iter < 1:
-        raise ValueError(f"num_iter must be a positive integer, got {num_iter!r}")
-    values = [] if num_steps is None else [num_steps] if isinstance(num_steps, (int, str)) else list(num_steps)
-    for value in values:
-        if str(value).isdigit() and not 2 <= int(value) <= 1000:
-            raise ValueError(f"num_steps must be integers in 2..1000, got {num_steps!r}")
-        try:  # counts, or respacing strings of the original ("10,5", "ddim25")
-            respaced_timesteps(NUM_TRAIN_TIMESTEPS, model.mar.diffloss.sampling_spec(value))
-        except ValueError as err:
-            raise ValueError(f"num_steps: {err} (got {num_steps!r})") from None
-    if len(values) > 1 and len(values) != num_iter:
-        raise ValueError(f"{len(values)} diffusion step counts for {num_iter} MAR iterations")
+from ..sampling import StepInfo, TokenRNG, generate_latents
+from ..settings import GenerationSettings
+from ..validation import check_prompt
 
 
 def check_positions(config: HarmonConfig, prompt_tokens: int, grid: tuple[int, int]) -> None:
@@ -59,33 +25,38 @@ def check_positions(config: HarmonConfig, prompt_tokens: int, grid: tuple[int, i
     limit, buffer = config.max_positions, config.mar.buffer_size
     needed = prompt_tokens + grid[0] * grid[1] + buffer
     if needed > limit:
-        raise ValueError(f"prompt of {prompt_tokens} tokens plus {needed - prompt_tokens} image tokens "
+        raise InputError(f"prompt of {prompt_tokens} tokens plus {needed - prompt_tokens} image tokens "
                          f"({grid[0]}x{grid[1]} latent cells and {buffer} buffer) exceeds the LLM's {limit} "
                          "positions: shorten the prompt or the image")
 
 
-def describe_steps(model: Harmon, num_steps) -> str:
-    """The respacing actually used for ``num_steps`` (one value, or one per MAR iteration joined by commas)."""
-    spec = model.mar.diffloss.sampling_spec
-    if num_steps is None or isinstance(num_steps, (int, str)):
-        return spec(num_steps)
-    return ",".join(spec(s) for s in num_steps)
+def generation_prompts(tokenizer, pad_id: int, prompts: Sequence[str], settings: GenerationSettings,
+                       config: HarmonConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) (N or 2N, T) of the chat prompts for ``prompts``, the unconditional prompt
+    N times after them when guided; checked against the LLM's positions for resolved ``settings``' image."""
+    texts = [chat_prompt(GENERATION_PREFIX + p.strip()) for p in prompts]
+    if settings.guidance_scale != 1.0:
+        texts += [chat_prompt(UNCONDITIONAL_PROMPT)] * len(prompts)
+    input_ids, attention_mask = tokenize_prompts(tokenizer, texts, pad_id)
+    check_positions(config, input_ids.shape[1], settings.grid(config.mar.vae_stride))
+    return input_ids, attention_mask
 
 
 @dataclass
 class TextToImageOutput:
-    """Images (PIL, or a (N, 3, H, W) tensor in [-1, 1]), the seed of each, and the settings used."""
+    """Images (PIL, or a (N, 3, H, W) tensor in [-1, 1]), the seed of each, and the settings used (resolved:
+    nothing left to the model's defaults)."""
 
     images: list[Image.Image] | torch.Tensor
     seeds: list[int | None]
     prompts: list[str]
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: GenerationSettings
 
 
 class TextToImagePipeline:
     """``pipe(prompt)`` generates images as the original ``text2image.py`` does, with explicit randomness.
 
-    Defaults equal the original's: guidance 3.0 (constant schedule), temperature
+    Default settings equal the original's: guidance 3.0 (constant schedule), temperature
     1.0, the model's MAR iterations, diffusion steps and image size (64, 100 and
     512 px for the released models), ``"Generate an image: "`` prefix and
     ``"Generate an image."`` as the unconditional prompt.
@@ -104,15 +75,17 @@ class TextToImagePipeline:
         :func:`harmon.hub.load_pretrained`."""
         return cls(*load_pretrained(name_or_path, device=device, dtype=dtype))
 
-    def _seeded_rng(self, count: int, generator, seeds: Sequence[int] | None) -> tuple[SeededRNG, list[int | None]]:
+    def _seeded_rng(self, count: int, generator, seeds: Sequence[int] | None) -> tuple[TokenRNG, list[int | None]]:
+        if isinstance(generator, ReferenceRNG):
+            return generator, [None] * count
         if seeds is not None:
             seeds = [int(s) for s in seeds]
             if len(seeds) != count:
-                raise ValueError(f"{len(seeds)} seeds for {count} images")
+                raise InputError(f"{len(seeds)} seeds for {count} images")
             return SeededRNG.from_seeds(seeds), list(seeds)
         if isinstance(generator, (list, tuple)):
             if len(generator) != count:
-                raise ValueError(f"{len(generator)} generators for {count} images: pass one per image")
+                raise InputError(f"{len(generator)} generators for {count} images: pass one per image")
             return SeededRNG(list(generator)), [None] * count
         if isinstance(generator, torch.Generator):
             drawn = torch.randint(0, 2**62, (count,), generator=generator, device=generator.device).tolist()
@@ -121,53 +94,35 @@ class TextToImagePipeline:
         return SeededRNG.from_seeds(drawn), drawn
 
     @torch.no_grad()
-    def __call__(self, prompt: str | Sequence[str], *, num_images_per_prompt: int = 1, guidance_scale: float = 3.0,
-                 cfg_schedule: Literal["constant", "linear"] = "constant", temperature: float = 1.0,
-                 num_iter: int | None = None, num_steps: int | str | Sequence[int] | None = None, fast: bool = False,
-                 height: int | None = None, width: int | None = None,
-                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
-                 seeds: Sequence[int] | None = None, rng: ReferenceRNG | None = None, progress: bool = True,
-                 callback: Callable[[StepInfo], None] | None = None, vae_tile: int | None = None,
+    def __call__(self, prompt: str | Sequence[str], settings: GenerationSettings | None = None, *,
+                 num_images_per_prompt: int = 1,
+                 generator: torch.Generator | Sequence[torch.Generator] | ReferenceRNG | None = None,
+                 seeds: Sequence[int] | None = None, progress: bool = True,
+                 callback: Callable[[StepInfo], None] | None = None,
                  output_type: Literal["pil", "pt"] = "pil") -> TextToImageOutput:
-        """Generate ``num_images_per_prompt`` images for each prompt.
+        """Generate ``num_images_per_prompt`` images for each prompt with ``settings`` (default: the
+        original's, see :class:`~harmon.settings.GenerationSettings`).
 
-        Randomness, first match wins: ``rng`` (e.g. :class:`ReferenceRNG` to replay
-        the original's stream), ``seeds`` (one int per image), ``generator`` (one per
-        image, or one from which per-image seeds are drawn), else fresh random seeds.
-        Either way each image depends only on its own seed, not on the batch.
-        ``num_steps`` may list one diffusion step count per MAR iteration; ``fast``
-        selects the fast mode (half the model's iterations, 32 for the released models,
-        and steps annealed 50 -> 5) for whatever of ``num_iter`` / ``num_steps`` is not given. ``callback`` receives a
-        :class:`~harmon.sampling.StepInfo` after every MAR iteration (progress, cancellation).
-        ``vae_tile`` (latent cells) decodes large images in overlapping tiles within bounded
-        memory (:meth:`~harmon.models.harmon.Harmon.decode`); None decodes whole.
+        Randomness, first match wins: ``generator`` a :class:`ReferenceRNG` (replays the original's
+        stream), ``seeds`` (one int per image), ``generator`` (one per image, or one from which per-image
+        seeds are drawn), else fresh random seeds. Either way each image depends only on its own seed, not
+        on the batch. ``callback`` receives a :class:`~harmon.sampling.StepInfo` after every MAR iteration
+        (progress, cancellation).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        num_iter, num_steps = iteration_schedule(self.model.config.num_iter, num_iter, num_steps, fast)
-        height = self.model.config.image_size if height is None else height
-        width = height if width is None else width
         if not prompts:
-            raise ValueError("no prompt given")
+            raise InputError("no prompt given")
         for i, p in enumerate(prompts):
             check_prompt(p, f"prompt {i}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-        check_sampling(self.model, guidance_scale, cfg_schedule, temperature, num_iter, num_steps)
-        check_vae_tile(vae_tile)
-        grid = check_image_size(height, width, self.model.config.mar.vae_stride)
+            raise InputError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        config = self.model.config
+        settings = (settings or GenerationSettings()).resolve(config)
         per_image = [p for p in prompts for _ in range(num_images_per_prompt)]
-        if rng is None:
-            rng, used_seeds = self._seeded_rng(len(per_image), generator, seeds)
-        else:
-            used_seeds = [None] * len(per_image)
+        rng, used_seeds = self._seeded_rng(len(per_image), generator, seeds)
+        input_ids, attention_mask = generation_prompts(self.tokenizer, self.pad_id, per_image, settings, config)
 
-        texts = [chat_prompt(GENERATION_PREFIX + p.strip()) for p in per_image]
-        if guidance_scale != 1.0:
-            texts += [chat_prompt(UNCONDITIONAL_PROMPT)] * len(per_image)
-        input_ids, attention_mask = tokenize_prompts(self.tokenizer, texts, self.pad_id)
-        check_positions(self.model.config, input_ids.shape[1], grid)
-
-        bar = tqdm(total=num_iter, desc="MAR iterations", disable=not progress, leave=False)
+        bar = tqdm(total=settings.num_iter, desc="MAR iterations", disable=not progress, leave=False)
 
         def on_step(info: StepInfo) -> None:
             bar.update(1)
@@ -175,15 +130,9 @@ class TextToImagePipeline:
                 callback(info)
 
         try:
-            tokens = generate_latents(self.model, input_ids, attention_mask, rng, image_shape=grid,
-                                      num_iter=num_iter, cfg=guidance_scale, cfg_schedule=cfg_schedule,
-                                      temperature=temperature, num_steps=num_steps, callback=on_step)
+            tokens = generate_latents(self.model, input_ids, attention_mask, rng, settings, callback=on_step)
         finally:
             bar.close()
-        images = self.model.decode(tokens, tile=vae_tile)
-        settings = {"guidance_scale": guidance_scale, "cfg_schedule": cfg_schedule, "temperature": temperature,
-                    "num_iter": num_iter, "fast": fast,
-                    "num_steps": describe_steps(self.model, num_steps),
-                    "height": height, "width": width, "vae_tile": vae_tile, "model": self.model.config.name}
+        images = self.model.decode(tokens, tile=settings.vae_tile)
         return TextToImageOutput(tensor_to_pil(images) if output_type == "pil" else images, used_seeds, per_image,
                                  settings)

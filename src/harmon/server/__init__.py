@@ -1,6 +1,7 @@
 """``harmon serve``: a web page and an OpenAI-style HTTP API in front of one model worker.
 
-Built on FastAPI + uvicorn; the page is one self-contained HTML file using the same API.
+Built on FastAPI + uvicorn (:mod:`.app`); the page is a static file shipped with the package
+(``static/``) that calls the same API.
 """
 from __future__ import annotations
 

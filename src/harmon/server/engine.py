@@ -1,16 +1,17 @@
 """The model's side of the server: jobs that run on the worker thread (text to image, image edits, chat)."""
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from ..batch import image_metadata, png_bytes
+from ..config import HarmonConfig
+from ..outputs import edit_details, image_metadata, png_bytes
 from ..pipelines import ChatSession, EditPipeline, ImageToTextPipeline, TextToImagePipeline
 from ..sampling import StepInfo
-from .inputs import ChatParams, EditParams, GenerationParams
+from .chat_requests import ChatParams
+from .image_requests import EditParams, GenerationParams
 from .worker import Job
 
 
@@ -22,10 +23,24 @@ class Engine:
         self.tokenizer = tokenizer
         self.model_path = str(model_path)
         self.name = str(model.config.name)
-        self.stride = int(model.config.mar.vae_stride)
         self.text_to_image = TextToImagePipeline(model, tokenizer)
         self.image_to_text = ImageToTextPipeline(model, tokenizer, image_size=image_size)
         self.editor = EditPipeline(model, tokenizer)
+
+    @property
+    def config(self) -> HarmonConfig:
+        """The model's configuration, against which requests' settings are resolved."""
+        return self.model.config
+
+    @property
+    def stride(self) -> int:
+        """Pixels per latent token (the VAE's stride): image sides are multiples of it."""
+        return int(self.model.config.mar.vae_stride)
+
+    def _png(self, image, prompt: str, seed: int, settings, extra=None) -> dict[str, Any]:
+        """One image as PNG bytes with its metadata (the schema of :mod:`harmon.outputs`) and its seed."""
+        meta = image_metadata(prompt, seed, settings, self.model, self.model_path, extra)
+        return {"png": png_bytes(image, meta), "seed": seed, "metadata": meta}
 
     # -- text to image ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -35,44 +50,23 @@ class Engine:
         :class:`TextToImagePipeline` with its per-iteration callback reporting progress (and
         stopping a cancelled job); a seed gives the same image as ``harmon generate --seed``.
         """
-        start = p.seed if p.seed is not None else secrets.randbits(31)
-        seeds = [start + k for k in range(p.n)]
-
         def on_step(info: StepInfo) -> None:
             job.emit("progress", {"step": info.step + 1, "total": info.num_iter})
 
-        result = self.text_to_image(p.prompt, num_images_per_prompt=p.n, guidance_scale=p.guidance_scale,
-                                    temperature=p.temperature, num_iter=p.num_iter, num_steps=p.num_steps,
-                                    height=p.height, width=p.width, seeds=seeds, progress=False,
+        result = self.text_to_image(p.prompt, p.settings, num_images_per_prompt=p.n, seeds=p.seeds, progress=False,
                                     callback=on_step)
-        images, num_steps = result.images, result.settings["num_steps"]
-        out = []
-        for image, seed in zip(images, seeds):
-            meta = image_metadata({"prompt": p.prompt, "seed": seed, "cfg": p.guidance_scale,
-                                   "cfg_schedule": "constant", "temperature": p.temperature, "num_iter": p.num_iter,
-                                   "num_steps": num_steps, "height": p.height, "width": p.width},
-                                  self.model, self.model_path)
-            out.append({"png": png_bytes(image, meta), "seed": seed, "metadata": meta})
-        return out
+        return [self._png(image, p.prompt, seed, result.settings) for image, seed in zip(result.images, p.seeds)]
 
     # -- image editing -------------------------------------------------------------------------
     @torch.no_grad()
     def edit(self, p: EditParams, job: Job) -> dict[str, Any]:
         """Inpaint, outpaint or vary an image: :class:`EditPipeline` on the request's region.
 
-        The same seed gives the same PNG as ``EditPipeline(...)(region, prompt, seed=seed)``
+        The same seed gives the same PNG as ``EditPipeline(...)(region, prompt, settings, seed=seed)``
         (for variations the region's tokens are chosen by ``torch.Generator().manual_seed(seed)``).
         """
-        out = self.editor(p.region, p.prompt, seed=p.seed, guidance_scale=p.guidance_scale,
-                          temperature=p.temperature, num_iter=p.num_iter, num_steps=p.num_steps)
-        image, settings = out.images[0], out.settings
-        meta = image_metadata({"prompt": p.prompt, "seed": p.seed, "edit_mode": p.mode, **p.details,
-                               "cfg": p.guidance_scale, "cfg_schedule": settings["cfg_schedule"],
-                               "temperature": p.temperature, "num_iter": p.num_iter,
-                               "num_steps": settings["num_steps"], "height": image.height, "width": image.width,
-                               "known_tokens": settings["known_tokens"],
-                               "generated_tokens": settings["generated_tokens"]}, self.model, self.model_path)
-        return {"png": png_bytes(image, meta), "seed": p.seed, "metadata": meta}
+        out = self.editor(p.region, p.prompt, p.settings, seed=p.seed)
+        return self._png(out.images[0], p.prompt, p.seed, out.settings, edit_details(p.mode, p.region))
 
     # -- image understanding ---------------------------------------------------------------------
     @torch.no_grad()
@@ -81,11 +75,7 @@ class Engine:
         session = ChatSession(self.image_to_text, p.image)
         session.history = list(p.history)
         embeds = self.image_to_text.prompt_embeds(session.conversation(p.question), session.image_embeds)
-        decode: dict[str, Any] = {"max_new_tokens": p.max_new_tokens}
-        if p.temperature:  # absent or 0: greedy, as OpenAI's temperature 0 and the original's default
-            seed = p.seed if p.seed is not None else secrets.randbits(62)
-            decode.update(do_sample=True, temperature=p.temperature, top_p=p.top_p,
-                          generator=torch.Generator().manual_seed(seed))
+        generator = None if p.seed is None else torch.Generator().manual_seed(p.seed)  # None: a fresh seed
         count = 0
 
         def counted(ids: Iterator[int]) -> Iterator[int]:
@@ -95,8 +85,9 @@ class Engine:
                 yield token
 
         pieces = []
-        for piece in self.image_to_text.decode_text(counted(self.image_to_text.generate_ids(embeds, **decode))):
+        for piece in self.image_to_text.decode_text(counted(self.image_to_text.generate_ids(embeds, p.settings,
+                                                                                           generator))):
             pieces.append(piece)
             job.emit("text", piece)
         return {"text": "".join(pieces), "prompt_tokens": int(embeds.shape[1]), "completion_tokens": count,
-                "finish_reason": "length" if count >= p.max_new_tokens else "stop"}
+                "finish_reason": "length" if count >= p.settings.max_new_tokens else "stop"}

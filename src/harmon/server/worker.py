@@ -15,7 +15,8 @@ from typing import Any, AsyncIterator, Callable
 
 import torch
 
-from .errors import ApiError
+from ..errors import InputError
+from .errors import ApiError, from_input_error
 
 log = logging.getLogger("harmon.server")
 
@@ -76,7 +77,7 @@ class ModelWorker:
 
     def __init__(self, queue_size: int = 8):
         if queue_size < 1:
-            raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+            raise InputError(f"queue_size must be >= 1, got {queue_size}")
         self.queue_size = queue_size
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
@@ -146,8 +147,8 @@ class ModelWorker:
             return
         except ApiError as err:
             error = err
-        except ValueError as err:  # the pipelines' message for a request they cannot serve
-            error = ApiError(400, str(err), "invalid_request_error")
+        except InputError as err:  # the pipelines' message for a request they cannot serve
+            error = from_input_error(err)
         except torch.OutOfMemoryError:
             error = ApiError(503, "out of memory on the model device: try a smaller size or fewer images",
                              "server_error", code="out_of_memory")

@@ -23,10 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
+from ..files import write_atomically
 from ..processing import GENERATION_PREFIX, chat_prompt, image_to_tensor, tokenize_prompts
 from ..rng import derive_seed
 from . import world
-from .evaluate import DEFAULT_EVAL_SEED
+from .eval_plan import DEFAULT_EVAL_SEED
 
 VISIBLE_FRACTIONS = (0.0, 0.3, 0.6, 0.9)
 KINDS = ("object", "background")
@@ -52,56 +54,19 @@ def context_use(model, tokenizer, n_scenes: int = 128, seed: int = DEFAULT_EVAL_
     extend a shorter run. Puts ``model`` in eval mode (dropout off), as a measurement needs.
     """
     if n_scenes < 1:
-        raise ValueError(f"n_scenes must be >= 1, got {n_scenes}")
+        raise InputError(f"n_scenes must be >= 1, got {n_scenes}")
     if not fractions or any(not 0.0 <= f < 1.0 for f in fractions):
-        raise ValueError(f"visible fractions must lie in [0, 1), got {list(fractions)}")
+        raise InputError(f"visible fractions must lie in [0, 1), got {list(fractions)}")
     model.eval()
-    stride, size = model.config.mar.vae_stride, model.config.image_size
-    head = model.mar.diffloss
     sums = {kind: [0.0] * (len(fractions) + 1) for kind in KINDS}  # the last: nothing visible, another prompt
     counts = dict.fromkeys(KINDS, 0)
-
-    def scene(j: int) -> world.Scene:
-        return world.sample_scene(world.CATEGORIES[j % len(world.CATEGORIES)], world.make_rng(seed, "eval_context", j),
-                                  size)
-
-    def prompt_ids(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, text_mask = tokenize_prompts(tokenizer, [chat_prompt(GENERATION_PREFIX + p) for p in prompts],
-                                          tokenizer.eos_token_id)
-        return ids.to(model.device), text_mask.to(model.device)
-
     for start in range(0, n_scenes, batch_size):
         index = range(start, min(n_scenes, start + batch_size))
-        scenes = [scene(j) for j in index]
-        images = [world.render(s) for s in scenes]
-        pixels = torch.cat([image_to_tensor(image, size) for image in images])  # (B, 3, S, S)
-        own = prompt_ids([s.prompt for s in scenes])
-        other = prompt_ids([s.prompt for s in scenes[1:]] + [scene(index[-1] + 1).prompt])
-        tokens = model.encode(pixels.to(device=model.device, dtype=model.dtype))  # (B, h, w, C)
-        b, h, w, c = tokens.shape
-        length, scored_count = h * w, max(1, h * w // 10)
-        draws = [_scene_draws(seed, j, length, c, head.train_diffusion.num_timesteps) for j in index]
-        orders = torch.stack([d[0] for d in draws]).to(model.device)                # (B, L)
-        timesteps = torch.cat([d[1] for d in draws]).to(model.device)               # (B*L,)
-        noise = torch.cat([d[2] for d in draws]).to(model.device, model.dtype)      # (B*L, C)
-        scored = torch.zeros(b, length, dtype=torch.bool, device=model.device)
-        scored.scatter_(1, orders[:, :scored_count], True)
-        is_object = torch.stack([object_tokens(image, stride) for image in images]).to(model.device)
-        picks = {"object": scored & is_object, "background": scored & ~is_object}
+        batch_sums, batch_counts, scored_count, length = _batch_losses(model, tokenizer, seed, index, fractions)
         for kind in KINDS:
-            counts[kind] += int(picks[kind].sum())
-        target = tokens.reshape(b * length, c)
-        columns = [(fraction, own) for fraction in fractions] + [(0.0, other)]
-        for i, (fraction, (ids, text_mask)) in enumerate(columns):
-            visible = int(round(fraction * (length - scored_count)))
-            mask = torch.ones(b, length, device=model.device)  # 1 = masked
-            mask.scatter_(1, orders[:, length - visible:], 0.0)  # the last tokens of each order are visible
-            x_enc = model.forward_mae_encoder(tokens, mask, text_mask, input_ids=ids, num_masked=length - visible)
-            z = model.mar.forward_mae_decoder(x_enc, mask, image_shape=(h, w)).reshape(b * length, -1)
-            terms = head.train_diffusion.training_losses(lambda x, t: head.net(x, t, z), target, timesteps, noise)
-            loss = terms["loss"].float().reshape(b, length)
-            for kind in KINDS:
-                sums[kind][i] += float(loss[picks[kind]].sum())
+            counts[kind] += batch_counts[kind]
+            for i, value in enumerate(batch_sums[kind]):
+                sums[kind][i] += value
     results = {
         "settings": {"model": getattr(model.config, "name", "?"), "seed": int(seed), "n_scenes": int(n_scenes),
                      "scored_per_scene": scored_count, "tokens_per_scene": length},
@@ -110,19 +75,75 @@ def context_use(model, tokenizer, n_scenes: int = 128, seed: int = DEFAULT_EVAL_
         **{f"{kind}_loss": [s / max(1, counts[kind]) for s in sums[kind][:-1]] for kind in KINDS},
         **{f"{kind}_other_prompt_loss": sums[kind][-1] / max(1, counts[kind]) for kind in KINDS},
     }
-    header = "".join(f"{f'{f:.0%} visible':>13}" for f in fractions) + f"{'0%, other prompt':>18}"
-    results["table"] = "\n".join(
-        [f"context use: model {results['settings']['model']}, {n_scenes} scenes, loss of the same scored tokens",
-         f"{'tokens':<22}{header}"]
-        + [f"  {kind + f' ({counts[kind]})':<20}" + "".join(f"{v:>13.3f}" for v in results[f"{kind}_loss"])
-           + f"{results[f'{kind}_other_prompt_loss']:>18.3f}" for kind in KINDS])
+    results["table"] = _table(results, n_scenes)
     if echo is not None:
         echo(results["table"])
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "context.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        write_atomically(out / "context.json", json.dumps(results, indent=1) + "\n")
     return results
+
+
+def _scene(seed: int, j: int, size: int) -> world.Scene:
+    """Scene j of the ``eval_context`` stream (categories in turn)."""
+    return world.sample_scene(world.CATEGORIES[j % len(world.CATEGORIES)], world.make_rng(seed, "eval_context", j),
+                              size)
+
+
+def _prompt_ids(model, tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) (B, T) of the generation prompts, on the model's device."""
+    ids, text_mask = tokenize_prompts(tokenizer, [chat_prompt(GENERATION_PREFIX + p) for p in prompts],
+                                      tokenizer.eos_token_id)
+    return ids.to(model.device), text_mask.to(model.device)
+
+
+def _batch_losses(model, tokenizer, seed: int, index: range, fractions) -> tuple[dict, dict, int, int]:
+    """The scenes of ``index``: per kind the summed loss of its scored tokens in each column (the visible
+    fractions, then nothing visible under the next scene's prompt), per kind the count of scored tokens,
+    and the scored and total tokens per scene."""
+    stride, size = model.config.mar.vae_stride, model.config.image_size
+    head = model.mar.diffloss
+    scenes = [_scene(seed, j, size) for j in index]
+    images = [world.render(s) for s in scenes]
+    pixels = torch.cat([image_to_tensor(image, size) for image in images])  # (B, 3, S, S)
+    own = _prompt_ids(model, tokenizer, [s.prompt for s in scenes])
+    other = _prompt_ids(model, tokenizer, [s.prompt for s in scenes[1:]] + [_scene(seed, index[-1] + 1, size).prompt])
+    tokens = model.encode(pixels.to(device=model.device, dtype=model.dtype))  # (B, h, w, C)
+    b, h, w, c = tokens.shape
+    length, scored_count = h * w, max(1, h * w // 10)
+    draws = [_scene_draws(seed, j, length, c, head.train_diffusion.num_timesteps) for j in index]
+    orders = torch.stack([d[0] for d in draws]).to(model.device)                # (B, L)
+    timesteps = torch.cat([d[1] for d in draws]).to(model.device)               # (B*L,)
+    noise = torch.cat([d[2] for d in draws]).to(model.device, model.dtype)      # (B*L, C)
+    scored = torch.zeros(b, length, dtype=torch.bool, device=model.device)
+    scored.scatter_(1, orders[:, :scored_count], True)
+    is_object = torch.stack([object_tokens(image, stride) for image in images]).to(model.device)
+    picks = {"object": scored & is_object, "background": scored & ~is_object}
+    target = tokens.reshape(b * length, c)
+    sums = {kind: [] for kind in KINDS}
+    for fraction, (ids, text_mask) in [(fraction, own) for fraction in fractions] + [(0.0, other)]:
+        visible = int(round(fraction * (length - scored_count)))
+        mask = torch.ones(b, length, device=model.device)  # 1 = masked
+        mask.scatter_(1, orders[:, length - visible:], 0.0)  # the last tokens of each order are visible
+        x_enc = model.forward_mae_encoder(tokens, mask, text_mask, input_ids=ids, num_masked=length - visible)
+        z = model.mar.forward_mae_decoder(x_enc, mask, image_shape=(h, w)).reshape(b * length, -1)
+        terms = head.train_diffusion.training_losses(lambda x, t: head.net(x, t, z), target, timesteps, noise)
+        loss = terms["loss"].float().reshape(b, length)
+        for kind in KINDS:
+            sums[kind].append(float(loss[picks[kind]].sum()))
+    return sums, {kind: int(picks[kind].sum()) for kind in KINDS}, scored_count, length
+
+
+def _table(results: dict[str, Any], n_scenes: int) -> str:
+    """The printed table of :func:`context_use`'s results."""
+    counts = results["counts"]
+    header = "".join(f"{f'{f:.0%} visible':>13}" for f in results["visible_fractions"]) + f"{'0%, other prompt':>18}"
+    return "\n".join(
+        [f"context use: model {results['settings']['model']}, {n_scenes} scenes, loss of the same scored tokens",
+         f"{'tokens':<22}{header}"]
+        + [f"  {kind + f' ({counts[kind]})':<20}" + "".join(f"{v:>13.3f}" for v in results[f"{kind}_loss"])
+           + f"{results[f'{kind}_other_prompt_loss']:>18.3f}" for kind in KINDS])
 
 
 def _scene_draws(seed: int, index: int, length: int, channels: int, num_timesteps: int

@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..errors import InputError
 from . import world
 
 PER_FOLDER = 1000
@@ -66,12 +67,12 @@ def write_datasets(out_dir: str | os.PathLike, n_images: int, seed: int, size: i
                    antialias: bool = True, categories: Sequence[str] = world.CATEGORIES) -> dict[str, Path]:
     """Render ``n_images`` scenes and write the three training formats (see the module doc); returns their paths."""
     if n_images < 1:
-        raise ValueError(f"n_images must be >= 1, got {n_images}")
+        raise InputError(f"n_images must be >= 1, got {n_images}")
     if size < 16:
-        raise ValueError(f"size must be at least 16 px, got {size}")
+        raise InputError(f"size must be at least 16 px, got {size}")
     for c in categories:
         if c not in world.CATEGORIES:
-            raise ValueError(f"unknown category {c!r}")
+            raise InputError(f"unknown category {c!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data_info, t2i, llava, scenes = [], [], [], []

@@ -1,9 +1,10 @@
 """The shapes world's understanding questions as a local lmms-eval task (``harmon eval shapes-task``).
 
-The task holds exactly the questions ``harmon eval shapes`` asks (:func:`~.evaluate.understanding_scenes`,
-same seed and scenes) and scores them with the same exact match (:func:`~.evaluate.answer_correct`), so that
-``lmms-eval --model harmon --tasks harmon_shapes_qa --include_path DIR`` must give the accuracy ``harmon eval
-shapes`` reports: a check of the lmms-eval adapter on a model that answers correctly.
+The task holds exactly the questions ``harmon eval shapes`` asks
+(:func:`~.eval_understanding.understanding_scenes`, same seed and scenes) and scores them with the same exact
+match (:func:`~.eval_understanding.answer_correct`), so that ``lmms-eval --model harmon --tasks
+harmon_shapes_qa --include_path DIR`` must give the accuracy ``harmon eval shapes`` reports: a check of the
+lmms-eval adapter on a model that answers correctly.
 
 Written: ``DIR/harmon_shapes_qa.yaml`` (the task), ``DIR/utils.py`` (lmms-eval's ``!function`` hooks, taken
 from this module), ``DIR/data.jsonl`` (one document per question) and ``DIR/images/<scene:05d>.png``.
@@ -16,12 +17,14 @@ from typing import Any
 
 from PIL import Image
 
+from ..errors import InputError
 from ..files import check_folder_path
 from . import world
-from .evaluate import DEFAULT_EVAL_SEED, answer_correct, understanding_scenes
+from .eval_plan import DEFAULT_EVAL_SEED, ShapesEval
+from .eval_understanding import answer_correct, understanding_scenes
 
 TASK_NAME = "harmon_shapes_qa"
-MAX_NEW_TOKENS = 48  # as harmon eval shapes
+MAX_NEW_TOKENS = ShapesEval().max_new_tokens  # as harmon eval shapes
 
 TASK_YAML = f"""task: {TASK_NAME}
 dataset_path: json
@@ -53,7 +56,7 @@ def write_task(folder: str | Path, n_scenes: int = 200, seed: int = DEFAULT_EVAL
                image_size: int = world.DEFAULT_SIZE) -> Path:
     """Write the task folder for the first ``n_scenes`` scenes of the understanding evaluation."""
     if n_scenes < 1:
-        raise ValueError(f"n_scenes must be >= 1, got {n_scenes}")
+        raise InputError(f"n_scenes must be >= 1, got {n_scenes}")
     folder = check_folder_path(folder, "the task folder").resolve()
     (folder / "images").mkdir(parents=True, exist_ok=True)
     docs = []

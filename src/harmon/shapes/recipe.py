@@ -35,7 +35,8 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model, read_json, save_model
 from ..config import HarmonConfig, shapes
-from ..files import check_folder_path
+from ..errors import InputError
+from ..files import check_folder_path, write_atomically
 from ..models.harmon import Harmon
 from ..models.init import init_local_decoder_attention, init_vae, init_weights
 from ..models.vae import AutoencoderKL
@@ -77,7 +78,7 @@ class RecipeConfig:
     def __post_init__(self):
         after = self.local_decoder_after
         if after is not None and not (0 < after < self.steps and after % self.save_every == 0):
-            raise ValueError(f"local_decoder_after must be a multiple of save_every ({self.save_every}) "
+            raise InputError(f"local_decoder_after must be a multiple of save_every ({self.save_every}) "
                              f"between 0 and steps ({self.steps}), got {after}")
 
     def to_dict(self) -> dict:
@@ -121,13 +122,13 @@ def run_recipe(out_dir: str | Path, cfg: RecipeConfig) -> Path:
     record_path = out / "recipe.json"
     record = read_json(record_path) if record_path.is_file() else {"config": cfg.to_dict(), "seconds": {}}
     if record["config"] != cfg.to_dict():
-        raise ValueError(f"{out} holds a recipe run with other settings ({record_path}); use a new folder")
+        raise InputError(f"{out} holds a recipe run with other settings ({record_path}); use a new folder")
     times = record["seconds"]
     data, tok_dir, vae_dir, init_dir = out / "data", out / "tokenizer", out / "vae", out / "init"
     config = shapes()
 
     def save_record():
-        record_path.write_text(json.dumps(record, indent=1) + "\n")
+        write_atomically(record_path, json.dumps(record, indent=1) + "\n")  # the resume record: never torn
 
     stages = {
         "data": lambda: write_datasets(data, cfg.n_images, cfg.seed, config.mar.img_size),

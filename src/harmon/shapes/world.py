@@ -18,6 +18,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import InputError
+
 SHAPES = ("circle", "square", "triangle")
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
 # well separated in RGB and against the background (the smallest pairwise distance is about 100)
@@ -57,7 +59,7 @@ def make_rng(seed: int, stream: str | int = "train", index: int | None = None) -
     """A numpy Generator for ``seed`` on a named stream (``train``, ``eval_prompts``, ``eval_scenes``, ...),
     optionally for one ``index`` in it (independent per item, so a longer run starts with the shorter one)."""
     if int(seed) < 0:
-        raise ValueError(f"seeds must be >= 0, got {seed}")
+        raise InputError(f"seeds must be >= 0, got {seed}")
     code = STREAMS[stream] if isinstance(stream, str) else int(stream)
     entropy = [int(seed), code] + ([] if index is None else [int(index)])
     return np.random.default_rng(entropy)
@@ -231,7 +233,7 @@ def scene_kind(objects: Sequence) -> str:
     shape, or several objects alike (of one colour and shape)."""
     objects = list(objects)
     if not objects:
-        raise ValueError("a scene without objects has no kind")
+        raise InputError("a scene without objects has no kind")
     if len(objects) == 1:
         return "one_object"
     return "alike_objects" if len({(o.color, o.shape) for o in objects}) == 1 else "different_objects"
@@ -312,7 +314,7 @@ def answer(objects: Sequence, qtype: str, params: dict[str, Any]) -> str | None:
         if len(a) != 1 or len(b) != 1:
             return None
         return "yes" if relation_strength(a[0], b[0], params["relation"]) > 0.5 else "no"
-    raise ValueError(f"unknown question type {qtype!r}")
+    raise InputError(f"unknown question type {qtype!r}")
 
 
 def answer_words() -> set[str]:
@@ -423,7 +425,7 @@ def sample_scene(category: str, rng: np.random.Generator, size: int = DEFAULT_SI
         include = ({"class": shapes[1], "count": 1, "color": colors[1]},
                    {"class": shapes[0], "count": 1, "color": colors[0], "position": [rel, 0]})
         return Scene(objs, size, category, prompt, include)
-    raise ValueError(f"unknown category {category!r}; expected one of {', '.join(CATEGORIES)}")
+    raise InputError(f"unknown category {category!r}; expected one of {', '.join(CATEGORIES)}")
 
 
 def sample_scenes(n: int, rng: np.random.Generator, size: int = DEFAULT_SIZE,
@@ -474,7 +476,7 @@ def render(scene: Scene, size: int | None = None, *, antialias: bool = True, sup
         elif o.shape == "triangle":
             draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
         else:
-            raise ValueError(f"unknown shape {o.shape!r}")
+            raise InputError(f"unknown shape {o.shape!r}")
     if k > 1:
         image = image.resize((size, size), Image.Resampling.BOX)
     return image

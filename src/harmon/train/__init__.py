@@ -1,1 +1,3 @@
-"""Training: the original's objectives (and, later, data and the loop)."""
+"""Training: the original's objectives (``losses``), data (``data``), the model as trained (``model``), one step
+(``loop``), its reports (``metrics``), checkpoints (``checkpoints``), processes (``distributed``), and the run
+(``trainer.train``)."""

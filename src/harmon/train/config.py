@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
+from ..errors import InputError
 from ..validation import check_field_types, check_prompt, check_range
 
 PARTS = ("llm", "mar_encoder", "mar_decoder", "projections")
@@ -38,11 +39,11 @@ class DataConfig:
         for name in ("t2i_batch_size", "i2t_batch_size"):
             check_range(getattr(self, name), f"data.{name}", 0)
         if self.t2i_batch_size + self.i2t_batch_size == 0:
-            raise ValueError("data: t2i_batch_size and i2t_batch_size are both 0: nothing to train on")
+            raise InputError("data: t2i_batch_size and i2t_batch_size are both 0: nothing to train on")
         check_range(self.uncond_prob, "data.uncond_prob", 0, 1)
         check_range(self.max_length, "data.max_length", 1)
         if self.image_size % 16 or self.image_size < 16:
-            raise ValueError(f"data.image_size must be a multiple of 16, got {self.image_size}")
+            raise InputError(f"data.image_size must be a multiple of 16, got {self.image_size}")
 
 
 @dataclass
@@ -110,9 +111,9 @@ class TrainConfig:
         check_field_types(self, "")
         unknown = sorted(set(self.freeze) - set(PARTS))
         if unknown:
-            raise ValueError(f"freeze: unknown parts {unknown}; choose from {list(PARTS)}")
+            raise InputError(f"freeze: unknown parts {unknown}; choose from {list(PARTS)}")
         if not (self.data.finetune or self.data.jsonl or self.data.llava):
-            raise ValueError("data: give at least one of finetune, jsonl, llava")
+            raise InputError("data: give at least one of finetune, jsonl, llava")
         for name in ("latent_readout", "t2i_weight", "i2t_weight", "seed"):
             check_range(getattr(self, name), name, 0)
         for name in ("max_steps", "save_every", "log_every", "keep_checkpoints"):
@@ -129,11 +130,11 @@ class TrainConfig:
         try:
             data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-            raise ValueError(f"cannot read {path}: {err}") from err
+            raise InputError(f"cannot read {path}: {err}") from err
         except RecursionError:
-            raise ValueError(f"cannot read {path}: nested too deeply") from None
+            raise InputError(f"cannot read {path}: nested too deeply") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a mapping of settings")
+            raise InputError(f"{path} must hold a mapping of settings")
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,11 +143,11 @@ class TrainConfig:
 
 def _build(cls, data: dict[str, Any], where: str):
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise InputError(f"{where}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(fields)}")
+        raise InputError(f"{where}: unknown keys {unknown}; allowed: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
         nested = {"data": DataConfig, "optim": OptimConfig, "lora": LoraConfig}.get(name) if cls is TrainConfig \
@@ -155,4 +156,4 @@ def _build(cls, data: dict[str, Any], where: str):
     try:
         return cls(**kwargs)
     except TypeError as err:
-        raise ValueError(f"{where}: {err}") from err
+        raise InputError(f"{where}: {err}") from err

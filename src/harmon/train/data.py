@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from ..errors import InputError
 from ..processing import (GENERATION_PREFIX, IMAGE_TOKEN, UNCONDITIONAL_PROMPT, chat_prompt, image_to_tensor,
                           load_image, pad_right, understanding_input)
 from ..rng import derive_seed
@@ -48,7 +49,7 @@ def _load_json(path: Path):
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {path}: {err}") from err
+        raise InputError(f"cannot read {path}: {err}") from err
 
 
 def read_finetune(root: str | Path, data_info: str = "data_info.json", images: str = "images",
@@ -57,15 +58,15 @@ def read_finetune(root: str | Path, data_info: str = "data_info.json", images: s
     root = Path(root)
     entries = _load_json(root / data_info)
     if not isinstance(entries, list):
-        raise ValueError(f"{root / data_info} must hold a list of {{'image', 'annotation'}} entries")
+        raise InputError(f"{root / data_info} must hold a list of {{'image', 'annotation'}} entries")
     out = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "image" not in entry or "annotation" not in entry:
-            raise ValueError(f"{root / data_info} entry {i} lacks 'image' or 'annotation'")
+            raise InputError(f"{root / data_info} entry {i} lacks 'image' or 'annotation'")
         annotation = _load_json(root / annotations / entry["annotation"])
         caption = annotation.get("caption") if isinstance(annotation, dict) else None
         if not isinstance(caption, str) or not caption.strip():
-            raise ValueError(f"{root / annotations / entry['annotation']} has no caption")
+            raise InputError(f"{root / annotations / entry['annotation']} has no caption")
         out.append(CaptionExample(root / images / entry["image"], caption.strip()))
     return out
 
@@ -77,17 +78,17 @@ def read_jsonl(path: str | Path) -> list[CaptionExample]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as err:
-        raise ValueError(f"cannot read {path}: {err}") from err
+        raise InputError(f"cannot read {path}: {err}") from err
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {number}: not JSON ({err.msg})") from err
+            raise InputError(f"{path} line {number}: not JSON ({err.msg})") from err
         if not isinstance(item, dict) or not isinstance(item.get("image"), str) or \
                 not isinstance(item.get("caption"), str) or not item["caption"].strip():
-            raise ValueError(f"{path} line {number}: needs 'image' and a non-empty 'caption'")
+            raise InputError(f"{path} line {number}: needs 'image' and a non-empty 'caption'")
         out.append(CaptionExample(path.parent / item["image"], item["caption"].strip()))
     return out
 
@@ -103,16 +104,16 @@ def read_llava(path: str | Path, image_root: str | Path | None = None) -> list[C
     root = Path(image_root) if image_root is not None else path.parent
     items = _load_json(path)
     if not isinstance(items, list):
-        raise ValueError(f"{path} must hold a list of conversations")
+        raise InputError(f"{path} must hold a list of conversations")
     out = []
     for i, item in enumerate(items):
         conv = item.get("conversations") if isinstance(item, dict) else None
         if not isinstance(conv, list) or not isinstance(item.get("image"), str) or len(conv) < 2 or len(conv) % 2:
-            raise ValueError(f"{path} item {i}: needs 'image' and an even list of 'conversations'")
+            raise InputError(f"{path} item {i}: needs 'image' and an even list of 'conversations'")
         turns = []
         for q, a in zip(conv[0::2], conv[1::2]):
             if q.get("from") != "human" or a.get("from") != "gpt":
-                raise ValueError(f"{path} item {i}: turns must alternate human / gpt")
+                raise InputError(f"{path} item {i}: turns must alternate human / gpt")
             question = q["value"].replace(IMAGE_TOKEN, "").strip()
             turns.append((question, a["value"].strip()))
         out.append(ConversationExample(root / item["image"], tuple(turns)))

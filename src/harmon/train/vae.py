@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import InputError
 from ..models.vae import AutoencoderKL
 
 
@@ -48,7 +49,7 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg: VAETrainConfig, gen
     gradient clipping at 1.0. ``log`` (a callable taking a record) sees every logged record.
     """
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be (N, 3, H, W) uint8, got {tuple(images.shape)} {images.dtype}")
+        raise InputError(f"images must be (N, 3, H, W) uint8, got {tuple(images.shape)} {images.dtype}")
     vae.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     history, order, tick = [], torch.empty(0, dtype=torch.long), time.perf_counter()
