@@ -151,9 +151,9 @@ def pick_device(name: str = "auto") -> torch.device:
             return torch.device("cuda")
         return torch.device("mps") if mps_ok else torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device {name!r} requested, but CUDA is not available (try --device cpu)")
+        raise InputError(f"device {name!r} requested, but CUDA is not available; choose cpu")
     if name == "mps" and not mps_ok:
-        raise InputError("device 'mps' requested, but MPS is not available (try --device cpu)")
+        raise InputError("device 'mps' requested, but MPS is not available; choose cpu")
     try:
         return torch.device(name)
     except RuntimeError as err:

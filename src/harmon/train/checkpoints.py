@@ -51,13 +51,14 @@ def save_checkpoint(out: Path, step: int, module: HarmonForTraining, optimizer, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(world)
-    torch.save(torch.get_rng_state(), tmp / f"rng_rank{world.rank}.pt")
+    rng_state = torch.get_rng_state()
+    write_atomically(tmp / f"rng_rank{world.rank}.pt", lambda path: torch.save(rng_state, path))
     if world.main:
         state = {"step": step, "model": trainable_state(module.model), "optimizer": optimizer.state_dict(),
                  "config": cfg.to_dict(), "world_size": world.size}
         if module.readout is not None:
             state["readout"] = {k: v.detach().cpu() for k, v in module.readout.state_dict().items()}
-        torch.save(state, tmp / "state.pt")
+        write_atomically(tmp / "state.pt", lambda path: torch.save(state, path))
     barrier(world)
     if world.main:
         shutil.rmtree(final, ignore_errors=True)
@@ -162,8 +163,7 @@ def edit_checkpoint(run_dir: str | Path, edit: Callable[[Harmon], None]) -> int:
     model, state = _checkpoint_model(checkpoint, cfg)
     edit(model)
     state["model"] = trainable_state(model)
-    torch.save(state, checkpoint / "state.pt.tmp")
-    os.replace(checkpoint / "state.pt.tmp", checkpoint / "state.pt")
+    write_atomically(checkpoint / "state.pt", lambda path: torch.save(state, path))
     return int(state["step"])
 
 
