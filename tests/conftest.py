@@ -68,7 +68,7 @@ def tiny_weights(tiny_fixture_dir) -> dict[str, torch.Tensor]:
 def tiny_model_dir(tmp_path_factory, reference_model) -> Path:
     """The tiny model saved in this package's layout (``config.json``, ``model.safetensors``) with the
     byte-level tokenizer beside it: a folder every command and pipeline loads. Do not write into it."""
-    from harmon.checkpoint import save_model
+    from harmon.saving import save_model
     from harmon.tokenizer import build_byte_tokenizer, save_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-model")

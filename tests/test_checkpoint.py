@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from harmon import checkpoint as ckpt
+from harmon import saving
 from harmon.checkpoint import CheckpointError
 from harmon.config import PRESETS
 
@@ -67,7 +68,7 @@ def original_files(reference_model, tmp_path_factory):
     """The tiny model written in the released layout: (harmon.pth, kl16.ckpt)."""
     folder = tmp_path_factory.mktemp("original")
     pth, vae = folder / "harmon_tiny.pth", folder / "kl16.ckpt"
-    ckpt.save_original(reference_model, pth, vae)
+    saving.save_original(reference_model, pth, vae)
     return pth, vae
 
 
@@ -219,7 +220,7 @@ def test_original_without_config_fails_clearly(original_files):
 
 
 def test_save_model_round_trip(reference_model, tmp_path):
-    folder = ckpt.save_model(reference_model, tmp_path / "saved")
+    folder = saving.save_model(reference_model, tmp_path / "saved")
     weights = folder / ckpt.WEIGHTS_NAME
     with safe_open(str(weights), framework="pt") as f:
         stored = set(f.keys())

@@ -16,7 +16,8 @@ from cli_helpers import assert_user_error
 from conftest import TINY_FIXTURE
 import harmon.cli.models
 from harmon import __version__
-from harmon.checkpoint import load_model, save_original
+from harmon.checkpoint import load_model
+from harmon.saving import save_original
 from harmon.cli import build_parser, main
 from harmon.errors import InputError
 from harmon.pipelines import ChatSession, ImageToTextPipeline

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from cli_helpers import assert_user_error
 from harmon import checkpoint as ckpt
+from harmon import saving
 from harmon.checkpoint import CheckpointError
 from harmon.cli import main
 from harmon.config import PRESETS, HarmonConfig, MARConfig
@@ -130,13 +131,13 @@ def small(tmp_path_factory):
     init_weights(model, torch.Generator().manual_seed(0))
     model = model.to(torch.bfloat16)
     release, original = root / "release", root / "original"
-    ckpt.save_release(model, release, dtype=torch.bfloat16)
+    saving.save_release(model, release, dtype=torch.bfloat16)
     # the config.json as the release would write it (no 'harmon' section; transformers' bookkeeping)
     (release / "config.json").write_text(json.dumps(release_config_json(
         SMALL_LLM, "mar_base", dataclasses.asdict(SMALL_MAR))))
     save_tokenizer(build_byte_tokenizer(), release)
     original.mkdir()
-    ckpt.save_original(model, original / "harmon_small.pth", original / "kl16.ckpt")
+    saving.save_original(model, original / "harmon_small.pth", original / "kl16.ckpt")
     return release, original
 
 

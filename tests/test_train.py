@@ -282,7 +282,8 @@ def test_two_processes_match_one(dataset, tmp_path):
 
     MAR's dropout draws from each process's own stream, so the model here has it off.
     """
-    from harmon.checkpoint import load_state_dict, save_model
+    from harmon.checkpoint import load_state_dict
+    from harmon.saving import save_model
     from harmon.config import HarmonConfig
 
     base = load_model(TINY_FIXTURE)

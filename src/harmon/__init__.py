@@ -1,6 +1,7 @@
 """Harmon: unified multimodal understanding and generation (Wu et al., arXiv 2503.21979), exact and seedable."""
 from .config import PRESETS, HarmonConfig, MARConfig, VAEConfig
-from .checkpoint import load_model, load_original, save_model
+from .checkpoint import load_model, load_original
+from .saving import save_model
 from .models.harmon import Harmon
 from .rng import ReferenceRNG, SeededRNG
 from .sampling import generate_latents

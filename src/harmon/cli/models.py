@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from ..checkpoint import (CheckpointError, config_from_reference, folder_weights_path, load_original, read_config,
-                          read_json, save_model, save_original, save_release, stored_dtype)
+                          read_json, stored_dtype)
+from ..saving import save_model, save_original, save_release
 from ..config import PRESETS, HarmonConfig
 from ..errors import InputError
 from ..files import check_folder_path

@@ -33,7 +33,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model, read_json, save_model
+from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model, read_json
+from ..saving import save_model
 from ..config import HarmonConfig, shapes
 from ..errors import InputError
 from ..files import check_folder_path, write_atomically

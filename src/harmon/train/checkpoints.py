@@ -17,7 +17,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..checkpoint import read_json, save_model
+from ..checkpoint import read_json
+from ..saving import save_model
 from ..errors import InputError
 from ..files import write_atomically
 from ..hub import load_pretrained, load_tokenizer, resolve_model_folder

@@ -1,106 +1,22 @@
-"""Reproduce a reference fixture folder with this package's code and report the errors.
-
-A fixture folder (``../shared/reference/tiny`` is one) holds ``config.json`` +
-``weights.safetensors`` of a small model and ``cases/<case>.safetensors`` +
-``cases/<case>.json`` pairs recorded by running the original Harmon code. Each
-case below recomputes every output tensor of its file from the inputs, seeds
-and settings stored there (no sizes are assumed), and :func:`run_parity`
-compares them: a tensor passes when ``max|ours - ref| <= atol + rtol * max|ref|``
-(integer and boolean tensors must be equal).
-"""
+"""The cases of a reference folder, one function each: recompute every output tensor of the case file from
+its inputs, seeds and settings, and name the tolerance (and, where it differs, the reference tensor) of each."""
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from .checkpoint import load_model, read_config
-from .models.harmon import Harmon, context_mask_and_positions, crop_cache
-from .models.diffusion_head import timestep_embedding
-from .pipelines.image_to_text import decode_tokens
-from .rng import ReferenceRNG
-from .sampling import StepInfo, generate_latents
-from .settings import DecodingSettings, GenerationSettings
-from .train.losses import image_to_text_loss, text_to_image_loss
+from ..models.diffusion_head import timestep_embedding
+from ..models.harmon import Harmon, context_mask_and_positions, crop_cache
+from ..pipelines.image_to_text import decode_tokens
+from ..rng import ReferenceRNG
+from ..sampling import StepInfo, generate_latents
+from ..settings import DecodingSettings, GenerationSettings
+from ..train.losses import image_to_text_loss, text_to_image_loss
+from .fixtures import COND_HALF, EXACT, MODULE, SAMPLE, SCHEDULE, SINUSOID, Fixture, Tolerance
 
-
-@dataclass(frozen=True)
-class Tolerance:
-    atol: float
-    rtol: float
-
-
-MODULE = Tolerance(atol=1e-5, rtol=1e-5)       # one forward pass of a network
-SCHEDULE = Tolerance(atol=0.0, rtol=1e-12)     # float64 diffusion tables
-SAMPLE = Tolerance(atol=1e-4, rtol=1e-5)       # iterated sampling; latents reach |x| ~ 1e5 (fixture README)
-EXACT = Tolerance(atol=0.0, rtol=0.0)          # integers, booleans
-# sin/cos of float32 arguments up to ~1000: one ulp of the argument is 6e-5, and CPU
-# vector kernels differ by about that much (the fixture's values differ from
-# correctly rounded ones by 3e-5)
-SINUSOID = Tolerance(atol=1e-4, rtol=0.0)
-
-
-@dataclass
-class Fixture:
-    """One case file: its tensors, its ``meta`` dict and the folder's ``config.json``."""
-
-    name: str
-    tensors: dict[str, torch.Tensor]
-    outputs: list[str]
-    meta: dict[str, Any]
-    folder_config: dict[str, Any]
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self.tensors[key]
-
-
-@dataclass
-class TensorResult:
-    name: str
-    max_abs: float
-    max_rel: float
-    passed: bool
-    note: str = ""
-
-
-@dataclass
-class CaseResult:
-    name: str
-    tensors: list[TensorResult]
-    error: str = ""
-
-    @property
-    def passed(self) -> bool:
-        return not self.error and bool(self.tensors) and all(t.passed for t in self.tensors)
-
-
-def compare(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance, note: str = "") -> TensorResult:
-    """Max absolute error and error relative to the reference's max magnitude, and the verdict."""
-    if tuple(actual.shape) != tuple(expected.shape):
-        return TensorResult(name, math.inf, math.inf, False, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}")
-    if expected.numel() == 0:
-        return TensorResult(name, 0.0, 0.0, True, note)
-    a, e = actual.detach().cpu().double(), expected.double()
-    err = (a - e).abs().max().item()
-    scale = e.abs().max().item()
-    rel = err / scale if scale > 0 else err
-    exact = tol is EXACT or not expected.is_floating_point()
-    passed = err == 0 if exact else err <= tol.atol + tol.rtol * scale
-    return TensorResult(name, err, rel, passed, note)
-
-
-# A reference name ending in COND_HALF compares with the first half of the fixture's
-# [cond; uncond] tensor: the rows the original computes and then throws away are not computed here.
-COND_HALF = "#cond_half"
-
-
-# -- cases ------------------------------------------------------------------------------------
 Computed = dict[str, tuple[torch.Tensor, Tolerance] | tuple[torch.Tensor, Tolerance, str]]
 
 
@@ -439,72 +355,3 @@ CASES: dict[str, Callable[[Harmon, Fixture], Computed]] = {
     "i_image2text": _case_image2text,
     "j_training_losses": _case_training_losses,
 }
-
-
-def load_fixture(folder: Path, name: str, folder_config: dict) -> Fixture:
-    info = json.loads((folder / "cases" / f"{name}.json").read_text())
-    tensors = load_file(str(folder / "cases" / f"{name}.safetensors"))
-    outputs = [k for k, v in info["tensors"].items() if v.get("role") == "output"]
-    return Fixture(name, tensors, outputs, info.get("meta", {}), folder_config)
-
-
-def run_case(model: Harmon, fx: Fixture) -> CaseResult:
-    """Recompute one case and compare every output tensor of the fixture (missing ones fail)."""
-    try:
-        with torch.no_grad():
-            computed = CASES[fx.name](model, fx)
-    except Exception as err:  # report and go on with the other cases
-        return CaseResult(fx.name, [], f"{type(err).__name__}: {err}")
-    results, covered = [], set()
-    for label, item in computed.items():
-        actual, tol, *ref = item
-        ref_name = ref[0] if ref else label
-        if ref_name == "":  # a check against a scalar recorded in the case's meta
-            expected = _meta_value(fx, label)
-        elif ref_name.removesuffix(COND_HALF) in fx.tensors:
-            expected = fx[ref_name.removesuffix(COND_HALF)]
-            if ref_name.endswith(COND_HALF):  # conditional half of a [cond; uncond] tensor
-                expected = expected[: expected.shape[0] // 2]
-            ref_name = ref_name.removesuffix(COND_HALF)
-        else:
-            continue
-        covered.add(ref_name)
-        results.append(compare(label, actual, expected, tol))
-    for name in fx.outputs:
-        if name not in covered:
-            results.append(TensorResult(name, math.inf, math.inf, False, "not reproduced"))
-    return CaseResult(fx.name, results)
-
-
-def _meta_value(fx: Fixture, label: str) -> torch.Tensor:
-    prefix, _, name = label.partition(" norm ")
-    norm = fx.meta[f"{prefix.split('_grad')[0]}_grad_norms"][name]
-    return torch.tensor(0.0 if norm is None else norm, dtype=torch.float64)
-
-
-def run_parity(folder: str | Path, *, verbose: bool = False, cases: list[str] | None = None,
-               print_fn: Callable[[str], None] = print) -> list[CaseResult]:
-    """Load a fixture folder's model, run each case present (or those named), print one line per case."""
-    folder = Path(folder)
-    folder_config = json.loads((folder / "config.json").read_text())
-    read_config(folder)  # fail early with a clear message on a bad config
-    model = load_model(folder, dtype=torch.float32)
-    present = sorted(p.stem for p in (folder / "cases").glob("*.json"))
-    unknown = [n for n in present if n not in CASES]
-    names = [n for n in present if n in CASES and (cases is None or n in cases)]
-    results = []
-    for name in unknown:
-        results.append(CaseResult(name, [], "no implementation for this case name"))
-    for name in names:
-        results.append(run_case(model, load_fixture(folder, name, folder_config)))
-    for res in results:
-        worst_abs = max((t.max_abs for t in res.tensors), default=math.nan)
-        worst_rel = max((t.max_rel for t in res.tensors), default=math.nan)
-        verdict = "PASS" if res.passed else "FAIL"
-        print_fn(f"{res.name:<24} tensors={len(res.tensors):<4} max_abs={worst_abs:.3e} max_rel={worst_rel:.3e} "
-                 f"{verdict}{'  ' + res.error if res.error else ''}")
-        for t in res.tensors:
-            if verbose or not t.passed:
-                print_fn(f"    {t.name:<48} abs={t.max_abs:.3e} rel={t.max_rel:.3e} "
-                         f"{'ok' if t.passed else 'FAIL'} {t.note}")
-    return results
