@@ -69,6 +69,33 @@ def test_vae_training_reduces_the_reconstruction_error_reproducibly():
         train_vae(runs[0], images.float(), settings, torch.Generator())
 
 
+def test_decoder_only_training_keeps_the_latents():
+    """decoder_only trains the decoder (and post_quant_conv) and leaves the encoder, so every latent, as it was;
+    here it learns the empty canvas that the decoder stage of the recipe adds."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig(embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=64,
+                                  encoder_attn_resolutions=()))
+    images = torch.cat([_scenes(4), torch.tensor(world.BACKGROUND, dtype=torch.uint8).view(1, 3, 1, 1)
+                        .expand(4, 3, 64, 64)])
+    before = copy.deepcopy(vae.state_dict())
+    settings = VAETrainConfig(steps=30, batch_size=4, lr=2e-3, warmup_steps=5, log_every=10, bfloat16=False,
+                              decoder_only=True)
+    history = train_vae(vae, images, settings, torch.Generator().manual_seed(3), progress=False)
+    after = vae.state_dict()
+    trained = [k for k in after if k.startswith(("decoder.", "post_quant_conv."))]
+    assert trained and all(not torch.equal(after[k], before[k]) for k in trained if k.endswith("weight"))
+    assert all(torch.equal(after[k], before[k]) for k in after if k not in trained)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert not any(p.requires_grad for p in vae.parameters()) and not vae.training
+
+
+def test_recipe_decoder_stage_trains_the_decoder_alone(tmp_path):
+    from harmon.shapes.recipe import refine_decoder
+
+    with pytest.raises(ValueError, match="decoder_only must be true"):
+        refine_decoder(tmp_path, tmp_path, tmp_path / "out", RecipeConfig(decoder=VAETrainConfig(steps=1)))
+
+
 def test_posterior_sampling_and_kl():
     vae = AutoencoderKL(VAEConfig(embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1,
                                   resolution=32, encoder_attn_resolutions=()))
@@ -100,12 +127,13 @@ def test_recipe_at_toy_scale_runs_resumes_and_refuses_other_settings(tmp_path):
 
     cfg = RecipeConfig(n_images=12, vae=VAETrainConfig(steps=2, batch_size=4, log_every=1), steps=2,
                        t2i_batch_size=4, i2t_batch_size=2, save_every=1, compile=False, progress=False,
-                       local_decoder_after=1, latent_readout=1.0)
+                       local_decoder_after=1, latent_readout=1.0,
+                       decoder=VAETrainConfig(steps=2, batch_size=4, log_every=1, bfloat16=False, decoder_only=True))
     model_dir = run_recipe(tmp_path / "run", cfg)
     log = [json.loads(line) for line in (tmp_path / "run" / "harmon" / "log.jsonl").read_text().splitlines()]
     assert all(r["t2i_readout"] > 0 for r in log)
     record = json.loads((tmp_path / "run" / "recipe.json").read_text())
-    assert set(record["seconds"]) == {"data", "tokenizer", "vae", "init", "local", "harmon", "total"}
+    assert set(record["seconds"]) == {"data", "tokenizer", "vae", "init", "local", "harmon", "decoder", "total"}
     vae_scale = json.loads((tmp_path / "run" / "vae" / "scale.json").read_text())["vae_scale"]
     model = load_model(model_dir)
     # made local after step 1 (positions cos/sin * 4 * LOCAL_TOKEN_SCALE), then one more step of AdamW at lr <= 1e-3
@@ -125,9 +153,16 @@ def test_recipe_at_toy_scale_runs_resumes_and_refuses_other_settings(tmp_path):
     from safetensors.torch import load_file
 
     weights = load_file(str(model_dir / "model.safetensors"))
-    exported = load_file(str(tmp_path / "run" / "harmon" / "final" / "model.safetensors"))  # float32, as trained
-    assert weights.keys() == exported.keys()
-    assert all(weights[k].dtype == torch.float16 and torch.equal(weights[k], exported[k].half()) for k in weights)
+    refined = load_file(str(tmp_path / "run" / "decoder" / "model.safetensors"))  # float32, as trained
+    exported = load_file(str(tmp_path / "run" / "harmon" / "final" / "model.safetensors"))
+    assert weights.keys() == refined.keys() == exported.keys()
+    assert all(weights[k].dtype == torch.float16 and torch.equal(weights[k], refined[k].half()) for k in weights)
+    # the decoder stage trained the VAE's decoder and nothing else
+    decoder = [k for k in weights if k.startswith(("vae.decoder.", "vae.post_quant_conv."))]
+    assert decoder and any(not torch.equal(refined[k], exported[k]) for k in decoder)
+    assert all(torch.equal(refined[k], exported[k]) for k in weights if k not in decoder)
+    log = [json.loads(line) for line in (tmp_path / "run" / "decoder" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
     assert run_recipe(tmp_path / "run", cfg) == model_dir
     again = load_file(str(model_dir / "model.safetensors"))
     assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
@@ -175,3 +210,4 @@ def test_the_default_model_ships_with_the_package_and_works(tmp_path, capsys):
     assert main(["describe", str(tmp_path / "square.png"), "Describe the image."]) == 0
     answer = capsys.readouterr().out.strip()
     assert answer and set(answer.split()) <= world.answer_words(), answer  # a caption in the world's language
+

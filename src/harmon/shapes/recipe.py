@@ -11,11 +11,16 @@ interrupted run continues where it stopped:
 4. ``init/``: the Harmon model (:func:`harmon.config.shapes`) with fresh weights from the
    seed, the trained VAE and the tokenizer;
 5. ``harmon/``: the project's trainer (:mod:`harmon.train.trainer`) on both objectives,
-   whose export ``harmon/final`` is the finished model, copied to ``model/`` with its weights
-   stored in float16 (the shipped form); with ``local_decoder_after`` set, the run stops at
+   exported to ``harmon/final``; with ``local_decoder_after`` set, the run stops at
    that step, half of the MAR decoder's heads are made local in its checkpoint (the ``local``
-   stage), and the run goes on from there.
+   stage), and the run goes on from there;
+6. ``decoder/``: the VAE's decoder, alone, trained further on the training images plus empty canvases
+   (:func:`refine_decoder`): a decoder that never saw an empty canvas draws the latent of one as a
+   washed-out noisy frame, which is what the model's images without an object looked like
+   (docs/shapes.md); the encoder, and so every latent the Harmon learnt, stays as it is. The finished
+   model is ``harmon/final`` with this decoder.
 
+``model/`` holds the finished model with its weights stored in float16 (the shipped form).
 ``recipe.json`` records the settings and the seconds each stage took. Everything is
 drawn from ``seed``; the same seed on the same machine gives the same model.
 """
@@ -34,7 +39,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model, read_json
-from ..saving import save_model
 from ..config import HarmonConfig, shapes
 from ..errors import InputError
 from ..files import check_folder_path, write_atomically
@@ -43,13 +47,17 @@ from ..models.init import init_local_decoder_attention, init_vae, init_weights
 from ..models.vae import AutoencoderKL
 from ..processing import GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt
 from ..rng import derive_seed
+from ..saving import save_model
 from ..tokenizer import save_tokenizer, train_small_tokenizer
 from ..train.config import DataConfig, OptimConfig, TrainConfig
 from ..train.trainer import edit_checkpoint, latest_step, train
 from ..train.vae import VAETrainConfig, latent_scale, train_vae
 from .datasets import write_datasets
+from .world import BACKGROUND
 
-VAE_STREAM, INIT_STREAM, LOCAL_STREAM = 101, 102, 103  # derive_seed tags of the recipe's own generators
+VAE_STREAM, INIT_STREAM, LOCAL_STREAM, DECODER_STREAM = 101, 102, 103, 104  # derive_seed tags of the recipe's
+# own generators
+IMAGES_PER_EMPTY_CANVAS = 16  # the decoder stage adds one empty canvas per this many training images
 # By step 500 the visible tokens enter the MAR decoder ~4x larger than in a fresh model (norm ~63
 # against ~16, measured), and the local positions are drawn at that size.
 LOCAL_TOKEN_SCALE = 4.0
@@ -73,6 +81,9 @@ class RecipeConfig:
     local_decoder_after: int | None = 500
     latent_readout: float = 1.0  # weight of the trainer's auxiliary readout loss (TrainConfig.latent_readout)
     compile: bool = True  # torch.compile for the Harmon stage: 1.39x on a 2-core CPU, same losses up to rounding
+    # the decoder stage (float32: short, and exact on CPUs without bf16 matrix units)
+    decoder: VAETrainConfig = field(default_factory=lambda: VAETrainConfig(
+        steps=300, batch_size=32, lr=5e-4, warmup_steps=20, log_every=50, bfloat16=False, decoder_only=True))
     save_every: int = 250
     progress: bool = True
 
@@ -165,16 +176,36 @@ def run_recipe(out_dir: str | Path, cfg: RecipeConfig) -> Path:
         tick = time.perf_counter()
     result = train(harmon_cfg)
     times["harmon"] = round(times.get("harmon", 0.0) + time.perf_counter() - tick, 1)
-    times["total"] = round(sum(v for k, v in times.items() if k != "total"), 1)
     save_record()
     model_dir = out / "model"
     if result.final_dir is not None:
+        _stage(out, "decoder", times, lambda: refine_decoder(result.final_dir, data, out / "decoder", cfg))
+        times["total"] = round(sum(v for k, v in times.items() if k != "total"), 1)
+        save_record()
         shutil.rmtree(model_dir, ignore_errors=True)
         # the tokenizer as exported; the weights in the shipped form: float16, half the size, the same
         # evaluation scores (docs/shapes.md)
         shutil.copytree(result.final_dir, model_dir, ignore=shutil.ignore_patterns(WEIGHTS_NAME, CONFIG_NAME))
-        save_model(load_model(result.final_dir, dtype=torch.float16), model_dir)
+        save_model(load_model(out / "decoder", dtype=torch.float16), model_dir)
     return model_dir
+
+
+def refine_decoder(model_dir: Path, data: Path, out_dir: Path, cfg: RecipeConfig) -> None:
+    """The decoder stage: the model of ``model_dir`` with its VAE decoder trained further (``cfg.decoder``) on
+    the training images of ``data`` plus one empty canvas per :data:`IMAGES_PER_EMPTY_CANVAS` of them, written
+    to ``out_dir`` (float32, with ``log.jsonl``). Its latents do not change: the encoder is frozen."""
+    if not cfg.decoder.decoder_only:
+        raise InputError("the decoder stage trains the decoder alone: decoder.decoder_only must be true")
+    model = load_model(model_dir, dtype=torch.float32)
+    images = load_images(data)
+    canvas = torch.tensor(BACKGROUND, dtype=torch.uint8).view(1, 3, 1, 1)
+    empty = canvas.expand(len(images) // IMAGES_PER_EMPTY_CANVAS, 3, *images.shape[2:])
+    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, DECODER_STREAM))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "log.jsonl", "w") as log:
+        train_vae(model.vae, torch.cat([images, empty]), cfg.decoder, generator, progress=cfg.progress,
+                  log=lambda r: (log.write(json.dumps(r) + "\n"), log.flush()))
+    save_model(model, out_dir)
 
 
 def _train_vae(config: HarmonConfig, data: Path, vae_dir: Path, cfg: RecipeConfig) -> None:

@@ -28,6 +28,9 @@ class VAETrainConfig:
     kl_weight: float = 1e-6
     log_every: int = 100
     bfloat16: bool = True  # autocast (about 2x faster on CPUs with bf16 matrix units); weights stay float32
+    # train the decoder alone (and post_quant_conv), the encoder frozen: the latent space, and so a Harmon
+    # trained on it, stays as it is while the decoder learns more images
+    decoder_only: bool = False
 
 
 def vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float,
@@ -51,7 +54,11 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg: VAETrainConfig, gen
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise InputError(f"images must be (N, 3, H, W) uint8, got {tuple(images.shape)} {images.dtype}")
     vae.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    if cfg.decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    trained = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     history, order, tick = [], torch.empty(0, dtype=torch.long), time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="vae", disable=not progress)
     for step in bar:
@@ -66,7 +73,7 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg: VAETrainConfig, gen
             losses = vae_loss(vae, batch, cfg.kl_weight, generator)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             record = {"step": step + 1, "lr": lr, **{k: float(v.detach()) for k, v in losses.items()},
