@@ -211,3 +211,18 @@ def test_the_default_model_ships_with_the_package_and_works(tmp_path, capsys):
     answer = capsys.readouterr().out.strip()
     assert answer and set(answer.split()) <= world.answer_words(), answer  # a caption in the world's language
 
+
+def test_shipped_decoder_draws_the_empty_canvas_plain():
+    """The shipped model's VAE decodes the latent of an empty canvas as a plain canvas; before the recipe's decoder
+    stage it drew a washed-out noisy frame (a decoder that had never seen an empty canvas; docs/shapes.md)."""
+    from harmon.checkpoint import load_model
+    from harmon.hub import default_model_folder
+    from harmon.processing import image_to_tensor
+
+    model = load_model(default_model_folder(), dtype=torch.float32)
+    canvas = Image.new("RGB", (64, 64), world.BACKGROUND)
+    with torch.no_grad():
+        decoded = model.decode(model.encode(image_to_tensor(canvas, 64)))  # (1, 3, 64, 64) in [-1, 1]
+    pixels = (decoded.clamp(-1, 1) + 1) * 127.5
+    distance = (pixels - torch.tensor(world.BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1)).norm(dim=1)
+    assert float((distance > 12).float().mean()) < 0.05, float((distance > 12).float().mean())
