@@ -81,7 +81,7 @@ class RecipeConfig:
     local_decoder_after: int | None = 500
     latent_readout: float = 1.0  # weight of the trainer's auxiliary readout loss (TrainConfig.latent_readout)
     compile: bool = True  # torch.compile for the Harmon stage: 1.39x on a 2-core CPU, same losses up to rounding
-    # the decoder stage (float32: short, and exact on CPUs without bf16 matrix units)
+    # the decoder stage, in float32: it is short, and bf16 autocast is ~100x slower on CPUs without bf16 matrix units
     decoder: VAETrainConfig = field(default_factory=lambda: VAETrainConfig(
         steps=300, batch_size=32, lr=5e-4, warmup_steps=20, log_every=50, bfloat16=False, decoder_only=True))
     save_every: int = 250
