@@ -114,3 +114,14 @@ def test_known_masks_must_agree_across_the_batch(reference_model):
     with pytest.raises(InputError, match="same, non-zero number"):
         generate_latents(reference_model, ids, mask, SeededRNG.from_seeds([0, 1]),
                          GenerationSettings(height=64, guidance_scale=1.0), known=(torch.zeros(2, 4, 4, 16), known))
+
+
+def test_edits_can_self_check(pipe, photo):
+    """With self_check=k an edit keeps the best of k candidates, each over the same known tokens; the kept one is
+    the edit drawn with its candidate seed."""
+    region = inpaint_region(photo, (0, 0, 32, 32))
+    out = pipe(region, "a red circle", FAST.replace(self_check=3), seed=5, output_type="pt")
+    check = out.self_check[0]
+    assert len(check.scores) == 3 and check.scores[check.chosen] == max(check.scores) and check.seeds[0] == 5
+    alone = pipe(region, "a red circle", FAST, seed=check.seeds[check.chosen], output_type="pt")
+    torch.testing.assert_close(out.images, alone.images, atol=2e-3, rtol=0)

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -398,6 +399,35 @@ def test_png_metadata_is_one_schema_from_every_writer(server, tiny_model_dir, pi
     assert set(cli["batch"]) == set(cli["generate"]) | set(BATCH_KEYS)
     assert cli["edit"].pop("source_image") == str(source) and served["edit"].pop("source_image") is None
     assert served["edit"] == cli["edit"]
+
+
+def test_self_check_is_one_setting_from_every_door(server, tiny_model_dir, tmp_path, capsys):
+    """`--self-check 2` of `harmon generate` and `batch` and ``"self_check": 2`` of the server draw the same image
+    and write the same metadata, with the chosen candidate and its scores; above the server's limit: a 400."""
+    from harmon.cli import main
+    from harmon.outputs import BATCH_KEYS, SELF_CHECK_KEYS
+
+    tiny = ["--model", str(tiny_model_dir), "--seed", "7", "--num-iter", "2", "--num-steps", "2", "--self-check", "2"]
+    assert main(["generate", "a red circle", "--size", "64", "--out", str(tmp_path / "g.png"), "-q", *tiny]) == 0
+    (tmp_path / "prompts.json").write_text('["a red circle"]')
+    assert main(["batch", str(tmp_path / "prompts.json"), "--size", "64", "--out-dir", str(tmp_path / "b"), "-q",
+                 *tiny]) == 0
+    capsys.readouterr()
+    status, served = server.post("/v1/images/generations", {"prompt": "a red circle", "seed": 7, "self_check": 2})
+    assert status == 200, served
+    pngs = {"generate": (tmp_path / "g.png").read_bytes(), "batch": (tmp_path / "b/00000_00.png").read_bytes(),
+            "server": base64.b64decode(served["data"][0]["b64_json"])}
+    texts, pixels = {}, {}
+    for name, data in pngs.items():
+        with Image.open(io.BytesIO(data)) as im:
+            texts[name], pixels[name] = json.loads(im.text["parameters"]), np.asarray(im.convert("RGB"))
+    meta = texts["generate"]
+    assert meta["self_check"] == 2 and meta["chosen_candidate"] in (0, 1) and len(meta["self_check_scores"]) == 2
+    assert set(SELF_CHECK_KEYS) <= set(meta) and texts["server"] == meta
+    assert {k: v for k, v in texts["batch"].items() if k not in BATCH_KEYS} == meta
+    assert np.array_equal(pixels["generate"], pixels["server"]) and np.array_equal(pixels["generate"], pixels["batch"])
+    status, refused = server.post("/v1/images/generations", {"prompt": "a red circle", "self_check": 9})
+    assert status == 400 and refused["error"]["param"] == "self_check", refused
 
 
 @pytest.mark.parametrize("change,status,code,words", BAD_EDITS, ids=[f"{k}-{c}" for k, (_, _, c, _) in

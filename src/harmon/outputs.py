@@ -6,7 +6,8 @@ PNG metadata (text chunks, readable by any PNG tool):
     ``prompt``, ``seed``, the resolved :class:`~harmon.settings.GenerationSettings` under their own names
     (``guidance_scale``, ``cfg_schedule``, ``temperature``, ``num_iter``, ``num_steps``, ``fast``,
     ``height``, ``width``, ``vae_tile``), ``model``, ``model_path``, ``dtype``, ``harmon_version``,
-    ``software``; for edits also :data:`EDIT_KEYS`; for batch runs :data:`BATCH_KEYS`; and ``parameters``:
+    ``software``; for edits also :data:`EDIT_KEYS`; for batch runs :data:`BATCH_KEYS`; for images chosen by
+    self-check (``self_check`` > 1) :data:`SELF_CHECK_KEYS`; and ``parameters``:
     all of it as one JSON string. A key whose value is None is left out of the text chunks (``parameters``
     keeps the null). Grids of several images carry :func:`grid_metadata`.
 """
@@ -25,18 +26,20 @@ from .settings import GenerationSettings
 
 EDIT_KEYS = ("edit_mode", "source_image", "known_tokens", "generated_tokens")
 BATCH_KEYS = ("index", "sample")
+# which candidate self-check kept, the seed that draws it alone, and every candidate's score
+SELF_CHECK_KEYS = ("chosen_candidate", "candidate_seed", "self_check_scores")
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last 12 bytes of every complete PNG file
 
 
 def image_metadata(prompt: str, seed: int | None, settings: GenerationSettings, model,
                    model_path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The metadata of one generated image (see the module docstring): ``settings`` as resolved by the
-    pipeline, ``model`` the :class:`~harmon.models.harmon.Harmon` that drew it, ``extra`` the edit's or the
-    batch item's keys (:data:`EDIT_KEYS`, :data:`BATCH_KEYS`)."""
+    pipeline, ``model`` the :class:`~harmon.models.harmon.Harmon` that drew it, ``extra`` the edit's, the
+    batch item's or the self-check's keys (:data:`EDIT_KEYS`, :data:`BATCH_KEYS`, :data:`SELF_CHECK_KEYS`)."""
     from . import __version__
 
     extra = dict(extra or {})
-    unknown = set(extra) - set(EDIT_KEYS) - set(BATCH_KEYS)
+    unknown = set(extra) - set(EDIT_KEYS) - set(BATCH_KEYS) - set(SELF_CHECK_KEYS)
     if unknown:
         raise ValueError(f"not keys of the image metadata: {sorted(unknown)}")
     meta = {"prompt": prompt, "seed": seed, **settings.to_dict(), **extra, "model": model.config.name,

@@ -25,6 +25,7 @@ from .validation import check_field_types
 # (last), as DiSA does for Harmon. Off by default.
 FAST_STEPS = (50, 5)
 MAX_STEPS = 1000  # the diffusion process's timesteps: no respacing takes more
+MAX_SELF_CHECK = 32  # candidates per image: each is drawn and judged, so the cost grows with it
 
 
 def annealed_steps(start: int, end: int, num_iter: int) -> list[int]:
@@ -49,7 +50,9 @@ class GenerationSettings:
     of these per MAR iteration; ``fast``: half the model's iterations and steps annealed 50 -> 5, for
     whichever of ``num_iter`` / ``num_steps`` is not given; ``height`` / ``width`` in pixels (``width``
     defaults to ``height``); ``vae_tile``: decode in overlapping tiles of this many latent cells (bounded
-    memory, slightly changed seams), None decodes whole.
+    memory, slightly changed seams), None decodes whole; ``self_check``: draw this many candidates per image
+    and keep the one the model itself judges closest to the prompt (1: off; see
+    :mod:`harmon.pipelines.self_check`).
     """
 
     guidance_scale: float = 3.0
@@ -61,6 +64,7 @@ class GenerationSettings:
     height: int | None = None
     width: int | None = None
     vae_tile: int | None = None
+    self_check: int = 1
 
     def __post_init__(self):
         if isinstance(self.num_steps, list):
@@ -86,6 +90,8 @@ class GenerationSettings:
             _check(value is None or value >= 1, f"{name} must be a positive number of pixels, got {value!r}")
         _check(self.vae_tile is None or self.vae_tile >= 2,
                f"vae_tile must be None or at least 2 latent cells, got {self.vae_tile!r}")
+        _check(1 <= self.self_check <= MAX_SELF_CHECK,
+               f"self_check must be a number of candidates in 1..{MAX_SELF_CHECK} (1: off), got {self.self_check!r}")
 
     @property
     def step_values(self) -> tuple[int | str, ...]:

@@ -255,9 +255,10 @@ def _generate(run: _Run, todo: list[tuple[list[Item], list[Item]]], summary: Bat
         for block, pending in todo:
             result = pipe([run.records[it.index].prompt for it in block], run.settings,
                           seeds=[it.seed for it in block], progress=False)
-            images = dict(zip((it.number for it in block), result.images))
+            drawn = {it.number: i for i, it in enumerate(block)}
             for it in pending:
-                _write_item(run, it, images[it.number], result.settings, model)
+                i = drawn[it.number]
+                _write_item(run, it, result.images[i], result.settings, model, result.details(i))
                 summary.written.append(it.png)
                 run.emit(str(it.png))
                 bar.update(1)
@@ -265,13 +266,15 @@ def _generate(run: _Run, todo: list[tuple[list[Item], list[Item]]], summary: Bat
         bar.close()
 
 
-def _write_item(run: _Run, it: Item, image, settings: GenerationSettings, model) -> None:
-    """The PNG of ``it`` (with its metadata), then its sidecar: the record that the image is done."""
+def _write_item(run: _Run, it: Item, image, settings: GenerationSettings, model, details: dict[str, Any]) -> None:
+    """The PNG of ``it`` (with its metadata; ``details``: how self-check chose the image), then its sidecar: the
+    record that the image is done."""
     from .. import __version__
 
     prompt = run.records[it.index].prompt
     model_path = str(Path(run.folder).resolve())
-    text = image_metadata(prompt, it.seed, settings, model, model_path, extra={"index": it.index, "sample": it.k})
+    text = image_metadata(prompt, it.seed, settings, model, model_path,
+                          extra={"index": it.index, "sample": it.k, **details})
     write_atomically(it.png, png_bytes(image, text))
     meta = {"index": it.index, "sample": it.k, "seed": it.seed, "prompt": prompt,
             "file": os.path.relpath(it.png, it.meta.parent), "metadata": run.records[it.index].record,

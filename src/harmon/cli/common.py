@@ -103,6 +103,9 @@ def add_generation_arguments(parser: argparse.ArgumentParser, size: str | None =
     g.add_argument("--vae-tile", type=int, default=GENERATION.vae_tile, metavar="CELLS",
                    help="decode the image in overlapping tiles of CELLS x CELLS latent cells, within bounded memory, "
                    "for images too large to decode whole (changes pixels slightly at tile seams; default: whole)")
+    g.add_argument("--self-check", type=int, default=GENERATION.self_check, metavar="K",
+                   help="draw K candidates per image and keep the one the model itself judges closest to the prompt "
+                   "(it answers questions derived from the prompt; costs about K times the drawing; 1: off)")
 
 
 def image_sides(args: argparse.Namespace) -> tuple[int | None, int | None]:
@@ -117,7 +120,8 @@ def generation_settings(args: argparse.Namespace, height: int | None = None,
     """The :class:`GenerationSettings` of the parsed options (checked as they are built)."""
     return GenerationSettings(guidance_scale=args.guidance_scale, cfg_schedule=args.cfg_schedule,
                               temperature=args.temperature, num_iter=args.num_iter, num_steps=args.num_steps,
-                              fast=args.fast, height=height, width=width, vae_tile=args.vae_tile)
+                              fast=args.fast, height=height, width=width, vae_tile=args.vae_tile,
+                              self_check=args.self_check)
 
 
 # -- decoding settings -------------------------------------------------------------------------------

@@ -92,8 +92,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for first in range(0, len(seeds), args.batch_size):
         batch = seeds[first:first + args.batch_size]
         out = pipe(prompt, settings, num_images_per_prompt=len(batch), seeds=batch, progress=not args.quiet)
-        for image, seed, path in zip(out.images, batch, paths[first:first + len(batch)]):
-            _write_png(path, image, image_metadata(prompt, seed, out.settings, model, folder))
+        for i, (image, seed, path) in enumerate(zip(out.images, batch, paths[first:first + len(batch)])):
+            _write_png(path, image, image_metadata(prompt, seed, out.settings, model, folder, out.details(i)))
             images.append(image)
     if grid_path is not None:
         _write_png(grid_path, make_grid(images), grid_metadata(prompt, seeds, model.config.name))

@@ -24,6 +24,7 @@ from ..rng import SeededRNG
 from ..sampling import generate_latents
 from ..settings import GenerationSettings
 from ..validation import check_prompt
+from .self_check import candidate_seeds, judge_candidates
 from .text_to_image import TextToImageOutput, generation_prompts
 
 STRIDE = 16  # the released models' VAE stride (KL-16); pass the model's own as ``stride``
@@ -151,11 +152,17 @@ class EditPipeline:
                              "unset")
         settings = settings.replace(height=size[0], width=size[1]).resolve(config)
         # the prompt's positions are checked before the VAE sees an image of any size
-        input_ids, attention_mask = generation_prompts(self.tokenizer, self.pad_id, [prompt], settings, config)
+        k = settings.self_check  # candidates, each drawn over the same known tokens
+        input_ids, attention_mask = generation_prompts(self.tokenizer, self.pad_id, [prompt] * k, settings, config)
         pixels = image_to_tensor(region.canvas, size)
         known_tokens = self.model.encode(pixels.to(device=self.model.device, dtype=self.model.dtype))  # (1, h, w, C)
-        tokens = generate_latents(self.model, input_ids, attention_mask, SeededRNG.from_seeds([seed]), settings,
-                                  known=(known_tokens, region.known.reshape(1, -1)))
-        images = self.model.decode(tokens, tile=settings.vae_tile)
+        known = (known_tokens.expand(k, -1, -1, -1), region.known.reshape(1, -1).expand(k, -1))
+        rng = SeededRNG.from_seeds(candidate_seeds(seed, k))
+        tokens = generate_latents(self.model, input_ids, attention_mask, rng, settings, known=known)
+        images = self.model.decode(tokens, tile=settings.vae_tile)  # (k, 3, H, W)
+        checks = None
+        if k > 1:
+            checks = judge_candidates(self.model, self.tokenizer, images, [prompt], [seed])
+            images = images[checks[0].chosen:checks[0].chosen + 1]
         return TextToImageOutput(tensor_to_pil(images) if output_type == "pil" else images, [seed], [prompt],
-                                 settings)
+                                 settings, checks)

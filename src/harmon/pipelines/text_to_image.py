@@ -18,6 +18,7 @@ from ..rng import ReferenceRNG, SeededRNG
 from ..sampling import StepInfo, TokenRNG, generate_latents
 from ..settings import GenerationSettings
 from ..validation import check_prompt
+from .self_check import SelfCheckResult, candidate_seeds, judge_candidates
 
 
 def check_positions(config: HarmonConfig, prompt_tokens: int, grid: tuple[int, int]) -> None:
@@ -45,12 +46,17 @@ def generation_prompts(tokenizer, pad_id: int, prompts: Sequence[str], settings:
 @dataclass
 class TextToImageOutput:
     """Images (PIL, or a (N, 3, H, W) tensor in [-1, 1]), the seed of each, and the settings used (resolved:
-    nothing left to the model's defaults)."""
+    nothing left to the model's defaults); with ``settings.self_check`` > 1 also how each image was chosen."""
 
     images: list[Image.Image] | torch.Tensor
     seeds: list[int | None]
     prompts: list[str]
     settings: GenerationSettings
+    self_check: list[SelfCheckResult] | None = None
+
+    def details(self, i: int) -> dict[str, object]:
+        """Image ``i``'s metadata beyond prompt, seed and settings: how self-check chose it (empty when off)."""
+        return {} if self.self_check is None else self.self_check[i].metadata()
 
 
 class TextToImagePipeline:
@@ -75,23 +81,29 @@ class TextToImagePipeline:
         :func:`harmon.hub.load_pretrained`."""
         return cls(*load_pretrained(name_or_path, device=device, dtype=dtype))
 
-    def _seeded_rng(self, count: int, generator, seeds: Sequence[int] | None) -> tuple[TokenRNG, list[int | None]]:
+    def _seeded_rng(self, count: int, generator, seeds: Sequence[int] | None, candidates: int = 1
+                    ) -> tuple[TokenRNG, list[int | None]]:
+        """The randomness of ``count`` images, ``candidates`` of each (image-major), and the images' seeds."""
         if isinstance(generator, ReferenceRNG):
+            if candidates > 1:
+                raise InputError("self_check draws its candidates from per-image seeds: it cannot replay the "
+                                 "original's random stream (ReferenceRNG); pass seeds instead")
             return generator, [None] * count
         if seeds is not None:
             seeds = [int(s) for s in seeds]
             if len(seeds) != count:
                 raise InputError(f"{len(seeds)} seeds for {count} images")
-            return SeededRNG.from_seeds(seeds), list(seeds)
-        if isinstance(generator, (list, tuple)):
+        elif isinstance(generator, (list, tuple)):
             if len(generator) != count:
                 raise InputError(f"{len(generator)} generators for {count} images: pass one per image")
-            return SeededRNG(list(generator)), [None] * count
-        if isinstance(generator, torch.Generator):
-            drawn = torch.randint(0, 2**62, (count,), generator=generator, device=generator.device).tolist()
+            if candidates == 1:
+                return SeededRNG(list(generator)), [None] * count
+            seeds = [int(torch.randint(0, 2**62, (1,), generator=g, device=g.device)) for g in generator]
+        elif isinstance(generator, torch.Generator):
+            seeds = torch.randint(0, 2**62, (count,), generator=generator, device=generator.device).tolist()
         else:
-            drawn = [secrets.randbits(62) for _ in range(count)]
-        return SeededRNG.from_seeds(drawn), drawn
+            seeds = [secrets.randbits(62) for _ in range(count)]
+        return SeededRNG.from_seeds([c for s in seeds for c in candidate_seeds(s, candidates)]), list(seeds)
 
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str], settings: GenerationSettings | None = None, *,
@@ -106,8 +118,10 @@ class TextToImagePipeline:
         Randomness, first match wins: ``generator`` a :class:`ReferenceRNG` (replays the original's
         stream), ``seeds`` (one int per image), ``generator`` (one per image, or one from which per-image
         seeds are drawn), else fresh random seeds. Either way each image depends only on its own seed, not
-        on the batch. ``callback`` receives a :class:`~harmon.sampling.StepInfo` after every MAR iteration
-        (progress, cancellation).
+        on the batch. With ``settings.self_check`` = k > 1 each image is the best of k candidates by the model's
+        own judgement (:mod:`~harmon.pipelines.self_check`); candidate 0 has the image's seed, so k = 1 draws
+        the same image as candidate 0, and ``seeds`` stay the images' seeds. ``callback`` receives a
+        :class:`~harmon.sampling.StepInfo` after every MAR iteration (progress, cancellation).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -119,8 +133,10 @@ class TextToImagePipeline:
         config = self.model.config
         settings = (settings or GenerationSettings()).resolve(config)
         per_image = [p for p in prompts for _ in range(num_images_per_prompt)]
-        rng, used_seeds = self._seeded_rng(len(per_image), generator, seeds)
-        input_ids, attention_mask = generation_prompts(self.tokenizer, self.pad_id, per_image, settings, config)
+        k = settings.self_check
+        rng, used_seeds = self._seeded_rng(len(per_image), generator, seeds, k)
+        candidates = [p for p in per_image for _ in range(k)]
+        input_ids, attention_mask = generation_prompts(self.tokenizer, self.pad_id, candidates, settings, config)
 
         bar = tqdm(total=settings.num_iter, desc="MAR iterations", disable=not progress, leave=False)
 
@@ -133,6 +149,10 @@ class TextToImagePipeline:
             tokens = generate_latents(self.model, input_ids, attention_mask, rng, settings, callback=on_step)
         finally:
             bar.close()
-        images = self.model.decode(tokens, tile=settings.vae_tile)
+        images = self.model.decode(tokens, tile=settings.vae_tile)  # (N * k, 3, H, W), image-major
+        checks = None
+        if k > 1:
+            checks = judge_candidates(self.model, self.tokenizer, images, per_image, used_seeds)
+            images = images[[i * k + c.chosen for i, c in enumerate(checks)]]
         return TextToImageOutput(tensor_to_pil(images) if output_type == "pil" else images, used_seeds, per_image,
-                                 settings)
+                                 settings, checks)

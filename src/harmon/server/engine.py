@@ -55,7 +55,8 @@ class Engine:
 
         result = self.text_to_image(p.prompt, p.settings, num_images_per_prompt=p.n, seeds=p.seeds, progress=False,
                                     callback=on_step)
-        return [self._png(image, p.prompt, seed, result.settings) for image, seed in zip(result.images, p.seeds)]
+        return [self._png(image, p.prompt, seed, result.settings, result.details(i))
+                for i, (image, seed) in enumerate(zip(result.images, p.seeds))]
 
     # -- image editing -------------------------------------------------------------------------
     @torch.no_grad()

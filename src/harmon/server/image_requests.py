@@ -22,7 +22,8 @@ from ..settings import GenerationSettings
 from .errors import ApiError
 from .inputs import Body, ServerSettings, check_b64_json, check_limit, check_seed, check_text, decode_image_url
 
-REQUEST_SETTINGS = ("guidance_scale", "cfg_schedule", "temperature", "num_iter", "num_steps", "fast", "vae_tile")
+REQUEST_SETTINGS = ("guidance_scale", "cfg_schedule", "temperature", "num_iter", "num_steps", "fast", "vae_tile",
+                    "self_check")
 EDIT_MODES = ("inpaint", "outpaint", "variation")
 
 
@@ -41,6 +42,7 @@ class ImageBody(Body):
     num_steps: int | None = None  # diffusion steps per token (a count; the server's limit is max_num_steps)
     fast: bool | None = None
     vae_tile: int | None = None
+    self_check: int | None = None  # candidates per image, judged by the model (the server's limit: max_self_check)
 
     def settings(self, s: ServerSettings) -> GenerationSettings:
         """The server's default settings with those this request gives in their place (checked by the type)."""
@@ -98,6 +100,7 @@ def check_settings(settings: GenerationSettings, s: ServerSettings) -> None:
     check_limit("guidance_scale", settings.guidance_scale, s.max_guidance_scale)
     check_limit("temperature", settings.temperature, s.max_temperature)
     check_limit("num_iter", settings.num_iter, s.max_num_iter)
+    check_limit("self_check", settings.self_check, s.max_self_check)
 
 
 def parse_size(size: str | None) -> tuple[int, int] | None:

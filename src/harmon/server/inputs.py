@@ -47,6 +47,7 @@ class ServerSettings:
     max_guidance_scale: float = 20.0
     max_temperature: float = 10.0
     max_prompt_chars: int = 2000
+    max_self_check: int = 8  # candidates drawn per image when a request asks for self-check
     # image understanding
     image_size: int = 512
     max_new_tokens: int = 1024
