@@ -1,9 +1,12 @@
 """A run's checkpoints: written atomically, resumed exactly, checked against the run's settings, and turned
 into model folders for the pipelines (at the end of a run or from any checkpoint midway).
 
-Layout under the run's ``output_dir``: ``checkpoints/step_XXXXXXX/`` holds ``state.pt`` (step, trained
-tensors, optimiser, config, process count, the latent readout when on) and ``rng_rank{R}.pt`` (each
-process's global RNG state); ``checkpoints/latest`` names the newest.
+Layout under the run's ``output_dir``: ``checkpoints/step_XXXXXXX/`` holds ``rng_rank{R}.pt`` (each
+process's global RNG state) and, from a ``parallel: ddp`` run, ``state.pt`` (step, trained tensors, optimiser,
+config, process count, the latent readout when on); from a ``parallel: fsdp`` run, ``meta.json`` (step, process
+count, the folder of the tensors) and that folder of safetensors shards, written by every process
+(:mod:`~harmon.train.fsdp`). ``checkpoints/latest`` names the newest; a checkpoint is written in a temporary
+folder and renamed whole, so a partial one is never taken for one.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -26,9 +29,11 @@ from ..models.harmon import Harmon
 from ..tokenizer import save_tokenizer
 from .config import TrainConfig
 from .distributed import World, barrier
+from .fsdp import gather_trained, is_sharded, load_shards, read_shards, save_shards, write_shards
 from .model import HarmonForTraining, prepare_model
 
 CHECKPOINTS = "checkpoints"
+META = "meta.json"  # in the checkpoints of fsdp runs (state.pt in those of ddp runs)
 
 # settings a resumed run may change: when to stop, to save and to log, where to run, compiling (which changes
 # losses by float rounding at most); any other change would make the run something else than it says
@@ -44,7 +49,8 @@ def trainable_state(model: Harmon) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(out: Path, step: int, module: HarmonForTraining, optimizer, world: World, cfg: TrainConfig
                     ) -> None:
-    """Write ``checkpoints/step_XXXXXXX`` atomically (temp folder, then rename) and point ``latest`` at it."""
+    """Write ``checkpoints/step_XXXXXXX`` atomically (temp folder, then rename) and point ``latest`` at it;
+    every process must call it."""
     root = out / CHECKPOINTS
     final = root / f"step_{step:07d}"
     tmp = root / f".step_{step:07d}.tmp"
@@ -54,7 +60,11 @@ def save_checkpoint(out: Path, step: int, module: HarmonForTraining, optimizer, 
     barrier(world)
     rng_state = torch.get_rng_state()
     write_atomically(tmp / f"rng_rank{world.rank}.pt", lambda path: torch.save(rng_state, path))
-    if world.main:
+    if cfg.parallel == "fsdp":
+        save_shards(tmp / "shards", module, optimizer)
+        if world.main:
+            write_atomically(tmp / META, json.dumps({"step": step, "world_size": world.size, "shards": "shards"}))
+    elif world.main:
         state = {"step": step, "model": trainable_state(module.model), "optimizer": optimizer.state_dict(),
                  "config": cfg.to_dict(), "world_size": world.size}
         if module.readout is not None:
@@ -71,14 +81,20 @@ def save_checkpoint(out: Path, step: int, module: HarmonForTraining, optimizer, 
 
 
 def load_checkpoint(out: Path, module: HarmonForTraining, optimizer, world: World) -> int:
-    """Restore the latest checkpoint; returns the step to continue from (0 when there is none)."""
+    """Restore the latest checkpoint (of either layout); returns the step to continue from (0 when there is
+    none). Every process must call it."""
     name = latest_name(out)
     if name is None:
         return 0
     folder = out / CHECKPOINTS / name
+    if (folder / META).is_file():
+        meta = read_json(folder / META)
+        _check_world_size(folder, meta["world_size"], world)
+        load_shards(folder / meta["shards"], module, optimizer)
+        torch.set_rng_state(torch.load(folder / f"rng_rank{world.rank}.pt", weights_only=True))
+        return int(meta["step"])
     state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-    if state["world_size"] != world.size:
-        raise InputError(f"{folder} was written by {state['world_size']} processes; resume with the same number")
+    _check_world_size(folder, state["world_size"], world)
     if (module.readout is None) != ("readout" not in state):
         raise InputError(f"{folder} was written with latent_readout {'off' if module.readout is not None else 'on'}; "
                          "resume with the same setting")
@@ -88,6 +104,12 @@ def load_checkpoint(out: Path, module: HarmonForTraining, optimizer, world: Worl
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(torch.load(folder / f"rng_rank{world.rank}.pt", weights_only=True))
     return int(state["step"])
+
+
+def _check_world_size(folder: Path, saved: int, world: World) -> None:
+    """Each process resumes its own random stream, so a run resumes with the processes that wrote it."""
+    if saved != world.size:
+        raise InputError(f"{folder} was written by {saved} processes; resume with the same number")
 
 
 def restore_trainable(model: nn.Module, saved: dict[str, torch.Tensor], folder: Path) -> None:
@@ -105,7 +127,8 @@ def check_resume_config(out: Path, cfg: TrainConfig) -> None:
     saved_path = out / "train_config.json"
     if latest_name(out) is None or not saved_path.is_file():
         return
-    saved = read_json(saved_path)
+    saved = TrainConfig.from_dict(read_json(saved_path)).to_dict()  # settings added since: their defaults
+    saved = json.loads(json.dumps(saved))
     now = json.loads(json.dumps(cfg.to_dict()))  # tuples as JSON has them
 
     def flat(d, prefix=""):
@@ -161,11 +184,45 @@ def edit_checkpoint(run_dir: str | Path, edit: Callable[[Harmon], None]) -> int:
     the schedule as they were. Returns the checkpoint's step.
     """
     checkpoint, cfg = _checkpoint_folder(Path(run_dir), None)
-    model, state = _checkpoint_model(checkpoint, cfg)
+    model, step = _checkpoint_model(checkpoint, cfg)
     edit(model)
-    state["model"] = trainable_state(model)
-    write_atomically(checkpoint / "state.pt", lambda path: torch.save(state, path))
-    return int(state["step"])
+    if (checkpoint / META).is_file():
+        _rewrite_shards(checkpoint, trainable_state(model))
+    else:
+        state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
+        state["model"] = trainable_state(model)
+        write_atomically(checkpoint / "state.pt", lambda path: torch.save(state, path))
+    return step
+
+
+def _rewrite_shards(checkpoint: Path, trained: dict[str, torch.Tensor]) -> None:
+    """Replace a sharded checkpoint's trained tensors (its optimiser state kept): the new files go into a
+    second folder, which ``meta.json`` then names (rewritten atomically), and the old folder goes."""
+    meta = read_json(checkpoint / META)
+    old = meta["shards"]
+    tensors = read_shards(checkpoint / old)
+    tensors.update({f"model.{k}": v for k, v in trained.items()})
+    meta["shards"] = "shards_edited" if old == "shards" else "shards"
+    shutil.rmtree(checkpoint / meta["shards"], ignore_errors=True)  # left by an edit that was killed
+    write_shards(checkpoint / meta["shards"], tensors)
+    write_atomically(checkpoint / META, json.dumps(meta))
+    shutil.rmtree(checkpoint / old)
+
+
+def final_model(module: HarmonForTraining, cfg: TrainConfig, world: World) -> Harmon | None:
+    """The trained model, whole, on the main process (None on the others); every process must call it.
+
+    A model sharded over the processes has its trained tensors gathered onto the main process, into the
+    run's starting model (loaded again there, on the CPU).
+    """
+    if not is_sharded(module):
+        return module.model if world.main else None
+    trained = gather_trained(module, world)
+    if not world.main:
+        return None
+    model = _starting_model(cfg)
+    restore_trainable(model, trained, Path(cfg.output_dir))
+    return model
 
 
 def _checkpoint_folder(run: Path, step: int | None) -> tuple[Path, TrainConfig]:
@@ -173,17 +230,29 @@ def _checkpoint_folder(run: Path, step: int | None) -> tuple[Path, TrainConfig]:
     cfg = TrainConfig.from_dict(read_json(run / "train_config.json"))
     root = run / CHECKPOINTS
     name = f"step_{step:07d}" if step is not None else latest_name(run)
-    if name is None or not (root / name / "state.pt").is_file():
+    if name is None or not any((root / name / file).is_file() for file in ("state.pt", META)):
         found = sorted(p.name for p in root.glob("step_*")) if root.is_dir() else []
         wanted = f"checkpoint {name}" if name is not None else "'latest' pointer"
         raise InputError(f"no {wanted} in {root}; it holds {found or 'none'} (pass a step)")
     return root / name, cfg
 
 
-def _checkpoint_model(checkpoint: Path, cfg: TrainConfig) -> tuple[Harmon, dict[str, Any]]:
-    """The run's starting model with a checkpoint's trained tensors (prepared as for training), and its state."""
-    state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
-    model = prepare_model(load_pretrained(cfg.model)[0],
-                          dataclasses.replace(cfg, compile=False, gradient_checkpointing=False))
-    restore_trainable(model, state["model"], checkpoint)
-    return model, state
+def _starting_model(cfg: TrainConfig) -> Harmon:
+    """The model a run started from, on the CPU, prepared as for training (freezing, LoRA)."""
+    return prepare_model(load_pretrained(cfg.model)[0],
+                         dataclasses.replace(cfg, compile=False, gradient_checkpointing=False))
+
+
+def _checkpoint_model(checkpoint: Path, cfg: TrainConfig) -> tuple[Harmon, int]:
+    """The run's starting model with a checkpoint's trained tensors (of either layout), and its step."""
+    if (checkpoint / META).is_file():
+        meta = read_json(checkpoint / META)
+        tensors = read_shards(checkpoint / meta["shards"])
+        trained = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+        step = meta["step"]
+    else:
+        state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
+        trained, step = state["model"], state["step"]
+    model = _starting_model(cfg)
+    restore_trainable(model, trained, checkpoint)
+    return model, int(step)

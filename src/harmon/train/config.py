@@ -101,6 +101,9 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     compile: bool = False  # torch.compile the transformer layers and the diffusion head (Harmon.compile_for_training)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # with several processes: ddp keeps a whole model on each, fsdp shards parameters, gradients and optimiser
+    # state over them (train/fsdp.py; checkpoints written by every process)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     save_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10

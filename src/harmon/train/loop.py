@@ -15,10 +15,13 @@ from torch import nn
 
 from ..errors import InputError
 from ..models.harmon import Harmon
+from ..processing import pad_right
 from ..rng import TrainingRNG, derive_seed
 from .config import TrainConfig
 from .data import Batcher, CaptionExample, ConversationExample
 from .distributed import World, all_reduce_sum
+from .fsdp import full_norm, shard_model
+from .losses import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from .model import HarmonForTraining, build_optimizer, lr_factor
 
 
@@ -61,6 +64,23 @@ class StepBatches:
             pos = batch_positions(step, cfg.data.i2t_batch_size, world)
             idx = [example_index(p, len(self.conversations), cfg.seed, 1, self._permutations) for p in pos]
             i2t = self.batcher.image_to_text([self.conversations[i] for i in idx], pos)
+        if cfg.parallel == "fsdp" and world.size > 1:
+            t2i, i2t = self._stand_ins(t2i, i2t)
+        return t2i, i2t
+
+    def _stand_ins(self, t2i: dict | None, i2t: dict | None) -> tuple[dict | None, dict | None]:
+        """A sharded model needs every process to run the same blocks: a task whose examples in this process's
+        share were all unreadable gets a stand-in, a blank image that weighs nothing (``stand_in``)."""
+        b = self.batcher
+        blank = torch.zeros(1, 3, b.image_size, b.image_size)  # (1, 3, S, S): mid-grey
+        if self.captions and t2i is None:
+            ids, mask = pad_right([[b.pad_id]], b.pad_id)  # (1, 1)
+            t2i = {"pixel_values": blank, "input_ids": ids, "attention_mask": mask, "sample_ids": [0],
+                   "stand_in": True}
+        if self.conversations and i2t is None:
+            ids, mask = pad_right([[IMAGE_TOKEN_INDEX] * b.num_image_tokens + [b.pad_id]], b.pad_id)  # (1, T)
+            i2t = {"pixel_values": blank, "input_ids": ids, "attention_mask": mask,
+                   "labels": torch.full_like(ids, IGNORE_INDEX), "sample_ids": [], "stand_in": True}
         return t2i, i2t
 
 
@@ -105,8 +125,9 @@ def combined_loss(losses: dict[str, torch.Tensor], i2t_tokens: float, cfg: Train
 
 @dataclass
 class Learner:
-    """What a step updates and how: the module (``wrapped`` in DistributedDataParallel with several processes),
-    its optimiser, the run's config and processes, and whether the forward pass runs in bfloat16 autocast."""
+    """What a step updates and how: the module (with several processes ``wrapped`` in DistributedDataParallel,
+    or sharded in place with ``parallel: fsdp``), its optimiser, the run's config and processes, and whether the
+    forward pass runs in bfloat16 autocast."""
 
     module: HarmonForTraining
     wrapped: nn.Module
@@ -120,11 +141,13 @@ class Learner:
         """Both objectives over a prepared ``model`` (with the latent readout when the config weighs it), and
         the optimiser of their trainable parameters."""
         module = HarmonForTraining(model, latent_readout=cfg.latent_readout > 0)
+        use_bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and world.device.type == "cuda")
         wrapped: nn.Module = module
-        if world.size > 1:
+        if world.size > 1 and cfg.parallel == "fsdp":
+            shard_model(module, world, use_bf16)  # before the optimiser: it holds the shards
+        elif world.size > 1:
             wrapped = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
         optimizer = build_optimizer(model, cfg, module.readout)
-        use_bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and world.device.type == "cuda")
         return cls(module, wrapped, optimizer, cfg, world, use_bf16)
 
     def step(self, step: int, t2i: dict | None, i2t: dict | None) -> StepResult:
@@ -136,6 +159,8 @@ class Learner:
         rng = TrainingRNG(cfg.seed, step, t2i["sample_ids"]) if t2i is not None else None
         with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
             losses = self.wrapped(t2i, i2t, rng)
+        if t2i is not None and t2i.get("stand_in"):  # a blank image weighs nothing (an answer-less one neither)
+            losses = {k: v * 0.0 if k.startswith("t2i") else v for k, v in losses.items()}
         i2t_tokens = all_reduce_sum(torch.tensor(float(losses.get("i2t_count", 0))), world).item()
         total = combined_loss(losses, i2t_tokens, cfg, world)
         optimizer.zero_grad(set_to_none=True)
@@ -143,5 +168,6 @@ class Learner:
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad],
                                                    cfg.optim.grad_clip)
         optimizer.step()
-        samples = (len(t2i["sample_ids"]) if t2i else 0) + (len(i2t["sample_ids"]) if i2t else 0)
+        grad_norm = full_norm(grad_norm)
+        samples = sum(len(b["sample_ids"]) for b in (t2i, i2t) if b is not None and not b.get("stand_in"))
         return StepResult(losses, i2t_tokens, grad_norm, samples)

@@ -1,4 +1,4 @@
-"""The training run: one process or many (``torchrun``, DistributedDataParallel), resumable exactly.
+"""The training run: one process or many (``torchrun``; DistributedDataParallel or FSDP), resumable exactly.
 
 :func:`train` reads the data, prepares the model (:mod:`~harmon.train.model`), runs the steps
 (:mod:`~harmon.train.loop`), reports them (:mod:`~harmon.train.metrics`), saves checkpoints and resumes
@@ -22,8 +22,8 @@ from ..files import check_folder_path
 from ..hub import load_pretrained
 from ..models.harmon import Harmon
 from ..rng import derive_seed
-from .checkpoints import (check_resume_config, edit_checkpoint, export, export_checkpoint, latest_step,
-                          load_checkpoint, save_checkpoint)
+from .checkpoints import (check_resume_config, edit_checkpoint, export, export_checkpoint, final_model,
+                          latest_step, load_checkpoint, save_checkpoint)
 from .config import TrainConfig
 from .data import Batcher, read_finetune, read_jsonl, read_llava
 from .distributed import World, barrier, gather_lists, setup_world
@@ -82,11 +82,12 @@ def _train(cfg: TrainConfig, world: World, stop_after: int | None) -> TrainResul
         result.steps = step + 1
     log.close()
     result.skipped_images = gather_lists(batches.batcher.skipped, world)
+    final = final_model(learner.module, cfg, world) if result.steps == cfg.max_steps else None
     if world.main:
         if result.skipped_images:
             print(f"skipped {len(result.skipped_images)} unreadable images, e.g. {result.skipped_images[0]}")
-        if result.steps == cfg.max_steps:
-            result.final_dir = export(model, tokenizer, out / "final")
+        if final is not None:
+            result.final_dir = export(final, tokenizer, out / "final")
     barrier(world)
     return result
 
