@@ -28,6 +28,7 @@ from safetensors import safe_open
 from .config import PRESETS, HarmonConfig, VAEConfig
 from .errors import InputError
 from .models.harmon import Harmon, qwen2_config
+from .quantize import check_combination, check_quantization, finish_quantization, int8_keys, int8_weight
 from .release import ReleaseConfigError, config_from_release, is_release_config
 
 PathLike = str | os.PathLike
@@ -161,13 +162,18 @@ def expected_keys(config: HarmonConfig) -> dict[str, tuple[int, ...]]:
 
 
 def load_state_dict(config: HarmonConfig, state_dict: Mapping[str, torch.Tensor], *,
-                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Harmon:
+                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    quantize: str | None = None) -> Harmon:
     """Build the model on meta and fill it from ``state_dict`` with strict key and shape checks.
 
     The tied ``llm.lm_head.weight`` may be absent. Errors name the missing,
-    unexpected and mis-shaped keys.
+    unexpected and mis-shaped keys. ``quantize="int8"`` stores each weight that :mod:`harmon.quantize` makes
+    int8 as it is read (never the whole model in ``dtype``).
     """
+    quantize = check_quantization(quantize)
+    check_combination(quantize, torch.device(device), dtype)
     model = build_empty(config)
+    int8 = int8_keys(model) if quantize else set()
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     shape_of = state_dict.shape if isinstance(state_dict, SafetensorsFile) else \
         (lambda key: tuple(state_dict[key].shape))
@@ -204,6 +210,8 @@ def load_state_dict(config: HarmonConfig, state_dict: Mapping[str, torch.Tensor]
         del tensor
         if key in floating and not _all_finite(converted[key]):
             not_finite.append(source)
+        if key in int8:
+            converted[key] = int8_weight(converted[key])
     if not_finite:
         raise CheckpointError(f"{len(not_finite)} tensors hold NaN or infinite values ({', '.join(not_finite[:5])}"
                               f"{', ...' if len(not_finite) > 5 else ''}): the weights are corrupt (or overflowed "
@@ -214,6 +222,8 @@ def load_state_dict(config: HarmonConfig, state_dict: Mapping[str, torch.Tensor]
     if tied:
         model.llm.lm_head.weight = model.llm.model.embed_tokens.weight
     _materialize_buffers(model, device)
+    if quantize:
+        finish_quantization(model, quantize)
     model.eval()
     return model
 
@@ -388,12 +398,13 @@ def stored_dtype(path: Path) -> torch.dtype:
 
 
 def load_model(folder: PathLike, *, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> Harmon:
-    """Load a model folder in any of :data:`LAYOUTS`, casting the weights to ``dtype`` as they are read."""
+               dtype: torch.dtype = torch.float32, quantize: str | None = None) -> Harmon:
+    """Load a model folder in any of :data:`LAYOUTS`, casting the weights to ``dtype`` as they are read
+    (``quantize``: as :func:`load_state_dict`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"model folder not found: {folder}")
     config = read_config(folder)
     path = folder_weights_path(folder)
     weights = SafetensorsFile(path) if path.suffix == ".safetensors" else read_torch_file(path)
-    return load_state_dict(config, weights, device=device, dtype=dtype)
+    return load_state_dict(config, weights, device=device, dtype=dtype, quantize=quantize)

@@ -18,6 +18,7 @@ import torch
 from .checkpoint import CheckpointError, load_model
 from .errors import InputError
 from .models.harmon import Harmon
+from .quantize import check_combination, check_quantization
 
 PathLike = str | os.PathLike
 QWEN2_5_VOCAB_SIZE = 151_665  # BPE ranks + the 22 added tokens of Qwen2.5
@@ -125,19 +126,24 @@ def load_tokenizer(folder: PathLike, vocab_size: int):
 
 
 def load_pretrained(name_or_path: PathLike | None = None, *, device: str | torch.device = "cpu",
-                    dtype: str | torch.dtype = torch.float32) -> tuple[Harmon, Any]:
+                    dtype: str | torch.dtype = torch.float32, quantize: str | None = None) -> tuple[Harmon, Any]:
     """The model and its tokenizer: the one loading entry point of the command line, the server, batch runs,
     evaluation, training and the pipelines' ``from_pretrained``.
 
     ``name_or_path``: a model folder in any supported layout (ours, the official Hugging Face release, a
     reference fixture), a Hugging Face repo id (local cache first), or None for the shipped shapes model.
     ``device`` / ``dtype`` may be names (``"auto"`` as :func:`pick_device` / :func:`pick_dtype`); weights
-    are cast to ``dtype`` while they are read. The tokenizer is the folder's own, else a built-in one.
+    are cast to ``dtype`` while they are read. ``quantize="int8"`` stores the LLM's and the MAR blocks' linear
+    weights as int8 while they are read (:mod:`harmon.quantize`; activations stay in ``dtype``: float32,
+    bfloat16 or float16, on the CPU or CUDA), checked before anything is read. The tokenizer is the folder's
+    own, else a built-in one.
     """
+    quantize = check_quantization(quantize)
     device = pick_device(device) if isinstance(device, str) else torch.device(device)
     dtype = pick_dtype(dtype, device) if isinstance(dtype, str) else dtype
+    check_combination(quantize, device, dtype)
     folder = resolve_model_folder(name_or_path)
-    model = load_model(folder, device=device, dtype=dtype)
+    model = load_model(folder, device=device, dtype=dtype, quantize=quantize)
     return model, load_tokenizer(folder, int(model.config.llm["vocab_size"]))
 
 

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import CONFIG_NAME, EMBED_KEY, TIED_KEY, WEIGHTS_NAME, CheckpointError, PathLike
+from .errors import InputError
 from .files import write_atomically
 from .models.harmon import Harmon
 from .release import ReleaseConfigError, release_config
@@ -18,7 +19,9 @@ from .release import ReleaseConfigError, release_config
 
 def _cpu_state(model: Harmon, dtype: torch.dtype | None, *, tied_head: bool) -> dict[str, torch.Tensor]:
     """The model's tensors on the CPU, floating ones in ``dtype`` (None: as they are); a tied LM head left out
-    unless ``tied_head``."""
+    unless ``tied_head``. A quantized model is refused: its int8 weights are not a checkpoint's."""
+    if model.quantization is not None:
+        raise InputError(f"a model with {model.quantization} weights cannot be saved: load it without quantization")
     skip = {TIED_KEY} if model.config.llm.get("tie_word_embeddings", False) and not tied_head else set()
     return {k: v.detach().to("cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
             .contiguous() for k, v in model.state_dict().items() if k not in skip}

@@ -41,6 +41,8 @@ class Harmon(nn.Module):
     under ``torch.device("meta")``). The VAE is frozen.
     """
 
+    quantization: str | None = None  # "int8" once harmon.quantize has stored its weights as int8
+
     def __init__(self, config: HarmonConfig):
         super().__init__()
         self.config = config
