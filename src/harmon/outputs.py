@@ -5,7 +5,8 @@ the folder layouts that the benchmarks' scorers read.
 PNG metadata (text chunks, readable by any PNG tool):
     ``prompt``, ``seed``, the resolved :class:`~harmon.settings.GenerationSettings` under their own names
     (``guidance_scale``, ``cfg_schedule``, ``temperature``, ``num_iter``, ``num_steps``, ``fast``,
-    ``height``, ``width``, ``vae_tile``), ``model``, ``model_path``, ``dtype``, ``harmon_version``,
+    ``height``, ``width``, ``vae_tile``), ``model``, ``model_path``, ``dtype``, ``quantization`` (``int8``
+    for int8 weights, else None), ``harmon_version``,
     ``software``; for edits also :data:`EDIT_KEYS`; for batch runs :data:`BATCH_KEYS`; for images chosen by
     self-check (``self_check`` > 1) :data:`SELF_CHECK_KEYS`; and ``parameters``:
     all of it as one JSON string. A key whose value is None is left out of the text chunks (``parameters``
@@ -44,6 +45,7 @@ def image_metadata(prompt: str, seed: int | None, settings: GenerationSettings, 
         raise ValueError(f"not keys of the image metadata: {sorted(unknown)}")
     meta = {"prompt": prompt, "seed": seed, **settings.to_dict(), **extra, "model": model.config.name,
             "model_path": str(model_path), "dtype": str(model.dtype).split(".")[-1],
+            "quantization": model.quantization,
             "harmon_version": __version__, "software": f"harmon {__version__}"}
     meta["parameters"] = json.dumps(meta, sort_keys=True, default=str)
     return meta

@@ -8,6 +8,7 @@ from typing import Mapping
 
 from ..errors import InputError
 from ..outputs import BENCHMARKS
+from ..quantize import QUANTIZATIONS
 from ..validation import check_field_types
 
 
@@ -23,7 +24,8 @@ class BatchOptions:
     ``num_images``: images per prompt; ``batch_size``: images generated at once (not a setting of the run:
     it may change when resuming, and changes images only by float rounding); ``benchmark``: one of
     :data:`~harmon.outputs.BENCHMARKS`, whose official scorer reads the layout written (None: ours);
-    ``device`` and ``dtype`` as :func:`~harmon.hub.load_pretrained` takes them by name; ``compile``:
+    ``device`` and ``dtype`` as :func:`~harmon.hub.load_pretrained` takes them by name, and ``quantize`` (None
+    or ``"int8"``: a setting of the run, since it changes the images); ``compile``:
     :meth:`~harmon.models.harmon.Harmon.compile_for_sampling` (not a setting of the run either);
     ``progress``: a progress bar on rank 0.
     """
@@ -34,6 +36,7 @@ class BatchOptions:
     benchmark: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    quantize: str | None = None
     compile: bool = False
     progress: bool = True
 
@@ -53,6 +56,8 @@ class BatchOptions:
              f"of 4 (got num_images={self.num_images}, batch_size={self.batch_size})"),
             (self.benchmark != "wise" or self.num_images == 1,
              f"WISE scores one image per prompt (<prompt_id>.png): num_images must be 1, got {self.num_images}"),
+            (self.quantize is None or self.quantize in QUANTIZATIONS,
+             f"quantize must be None or one of {', '.join(QUANTIZATIONS)}, got {self.quantize!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -174,7 +174,8 @@ def _run_record(records: Sequence[PromptRecord], folder: Path, config, settings:
     """The settings of the run (run.json's ``settings``): what must not change between its parts."""
     return {"model": config.name, "model_fingerprint": model_fingerprint(folder), "prompts": len(records),
             "prompts_sha256": prompts_digest(records), "seed": options.seed, "num_images": options.num_images,
-            "layout": options.benchmark or "default", **settings.to_dict(), "dtype": str(dtype).split(".")[-1]}
+            "layout": options.benchmark or "default", **settings.to_dict(), "dtype": str(dtype).split(".")[-1],
+            **({"quantization": options.quantize} if options.quantize else {})}  # absent: runs made before it
 
 
 def _run_info(folder: Path) -> dict[str, Any]:
@@ -245,7 +246,7 @@ def _generate(run: _Run, todo: list[tuple[list[Item], list[Item]]], summary: Bat
     from ..hub import load_pretrained
     from ..pipelines import TextToImagePipeline
 
-    model, tokenizer = load_pretrained(run.folder, device=device, dtype=dtype)
+    model, tokenizer = load_pretrained(run.folder, device=device, dtype=dtype, quantize=run.options.quantize)
     if run.options.compile:
         model.compile_for_sampling()
     pipe = TextToImagePipeline(model, tokenizer)

@@ -42,7 +42,7 @@ def add_command(subparsers, name: str, func, help: str, description: str | None 
 
 # -- the model --------------------------------------------------------------------------------------
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--device``, ``--dtype``."""
+    """``--model``, ``--device``, ``--dtype``, ``--quantize``."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", metavar="DIR", help="model folder (ours, the Hugging Face release's, or from `harmon "
                    "convert`), or a Hugging Face repo id such as wusize/Harmon-1_5B (the local cache first, else "
@@ -51,6 +51,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="where to run (default: auto = cuda, else mps, else cpu)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype (default: auto = bfloat16 on cuda, float32 elsewhere)")
+    g.add_argument("--quantize", default="none", metavar="{none,int8}",
+                   help="int8: store the LLM's and MAR blocks' linear weights as int8 (torchao, weight-only: "
+                   "activations stay in --dtype; cpu or cuda): the released models' weights in about a third of "
+                   "float32's memory, half of bfloat16's (docs/performance.md) (default: none)")
 
 
 def model_folder(args: argparse.Namespace) -> Path:
@@ -59,8 +63,8 @@ def model_folder(args: argparse.Namespace) -> Path:
 
 
 def load(args: argparse.Namespace, folder: Path) -> tuple[Harmon, object]:
-    """(model, tokenizer) of ``folder`` on ``--device`` in ``--dtype``."""
-    return load_pretrained(folder, device=args.device, dtype=args.dtype)
+    """(model, tokenizer) of ``folder`` on ``--device`` in ``--dtype``, quantized as ``--quantize`` says."""
+    return load_pretrained(folder, device=args.device, dtype=args.dtype, quantize=args.quantize)
 
 
 def add_compile_argument(parser: argparse.ArgumentParser, same: str = "same images") -> None:

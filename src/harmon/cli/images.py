@@ -16,6 +16,7 @@ from ..files import check_folder_path, write_atomically
 from ..outputs import BENCHMARKS, edit_details, grid_metadata, image_metadata, make_grid, png_bytes
 from ..pipelines import (EditPipeline, KnownRegion, TextToImagePipeline, inpaint_region, outpaint_region,
                          variation_region)
+from ..quantize import check_quantization
 from ..validation import check_prompt
 from .common import (add_command, add_compile_argument, add_generation_arguments, add_model_arguments,
                      generation_settings, image_sides, load, model_folder, png_path)
@@ -196,7 +197,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     """Many prompts from a JSON/JSONL file -> images in a folder; resumable and shardable under torchrun."""
     settings = generation_settings(args, *image_sides(args))
     options = BatchOptions(seed=args.seed, num_images=args.num_images, batch_size=args.batch_size,
-                           benchmark=args.benchmark, device=args.device, dtype=args.dtype, compile=args.compile,
+                           benchmark=args.benchmark, device=args.device, dtype=args.dtype,
+                           quantize=check_quantization(args.quantize), compile=args.compile,
                            progress=not args.quiet)
     run_batch(args.prompts_file, model_folder(args), args.out_dir, settings, options)
     return 0

@@ -7,7 +7,8 @@ lmms-eval installed beside harmon (``scripts/setup_lmms_eval.sh``)::
 
 runs as for any other model. ``model_args``: ``pretrained`` (any model :func:`harmon.hub.load_pretrained`
 reads; default the shipped shapes model), ``device`` and ``dtype`` (names, ``auto`` by default),
-``image_size`` (default the model's: 512 px for the released models, as the original's understanding path).
+``image_size`` (default the model's: 512 px for the released models, as the original's understanding path),
+``quantize`` (``int8``: int8 weights, :mod:`harmon.quantize`; default none).
 Each request is answered as the original ``image2text.py`` answers: the image padded to a square with grey
 and resized, ``"<image>\\n" + question`` in Harmon's chat template, greedy decoding; lmms-eval's ``until``
 strings cut the answer, its ``max_new_tokens`` bounds it. Harmon reads one image: a document with several
@@ -44,14 +45,14 @@ class HarmonLMM(lmms):
 
     def __init__(self, pretrained: str | None = None, device: str | None = None, dtype: str = "auto",
                  image_size: int | str | None = None, batch_size: int | str = 1,
-                 max_batch_size: int | None = None, **unused: Any) -> None:
+                 max_batch_size: int | None = None, quantize: str | None = None, **unused: Any) -> None:
         super().__init__()
         if unused:
             raise InputError(f"harmon: model_args not understood: {sorted(unused)}; known: pretrained, device, "
-                             "dtype, image_size")
+                             "dtype, image_size, quantize")
         size = None if image_size in (None, "") else int(image_size)
         self.pipe = ImageToTextPipeline.from_pretrained(pretrained or None, device=device or "auto", dtype=dtype,
-                                                        image_size=size)
+                                                        image_size=size, quantize=quantize or None)
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise InputError(f"harmon: batch_size must be >= 1, got {batch_size}")

@@ -128,11 +128,11 @@ class EditPipeline:
 
     @classmethod
     def from_pretrained(cls, name_or_path=None, *, device: str | torch.device = "cpu",
-                        dtype: str | torch.dtype = torch.float32) -> "EditPipeline":
+                        dtype: str | torch.dtype = torch.float32, quantize: str | None = None) -> "EditPipeline":
         """The pipeline of a model folder in any supported layout (ours, the official Hugging Face release, a
-        reference fixture), a Hugging Face repo id, or None (the shipped shapes model); see
-        :func:`harmon.hub.load_pretrained`."""
-        return cls(*load_pretrained(name_or_path, device=device, dtype=dtype))
+        reference fixture), a Hugging Face repo id, or None (the shipped shapes model); ``quantize="int8"``
+        for int8 weights; see :func:`harmon.hub.load_pretrained`."""
+        return cls(*load_pretrained(name_or_path, device=device, dtype=dtype, quantize=quantize))
 
     @torch.no_grad()
     def __call__(self, region: KnownRegion, prompt: str, settings: GenerationSettings | None = None, *,

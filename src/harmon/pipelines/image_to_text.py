@@ -112,11 +112,13 @@ class ImageToTextPipeline:
 
     @classmethod
     def from_pretrained(cls, name_or_path=None, *, device: str | torch.device = "cpu",
-                        dtype: str | torch.dtype = torch.float32, image_size: int | None = None) -> "ImageToTextPipeline":
+                        dtype: str | torch.dtype = torch.float32, image_size: int | None = None,
+                        quantize: str | None = None) -> "ImageToTextPipeline":
         """The pipeline of a model folder in any supported layout (ours, the official Hugging Face release, a
-        reference fixture), a Hugging Face repo id, or None (the shipped shapes model); see
-        :func:`harmon.hub.load_pretrained`."""
-        return cls(*load_pretrained(name_or_path, device=device, dtype=dtype), image_size=image_size)
+        reference fixture), a Hugging Face repo id, or None (the shipped shapes model); ``quantize="int8"``
+        for int8 weights; see :func:`harmon.hub.load_pretrained`."""
+        return cls(*load_pretrained(name_or_path, device=device, dtype=dtype, quantize=quantize),
+                   image_size=image_size)
 
     # -- inputs ----------------------------------------------------------------------------------
     def image_embeds(self, image: str | Image.Image) -> torch.Tensor:

@@ -75,11 +75,11 @@ class TextToImagePipeline:
 
     @classmethod
     def from_pretrained(cls, name_or_path=None, *, device: str | torch.device = "cpu",
-                        dtype: str | torch.dtype = torch.float32) -> "TextToImagePipeline":
+                        dtype: str | torch.dtype = torch.float32, quantize: str | None = None) -> "TextToImagePipeline":
         """The pipeline of a model folder in any supported layout (ours, the official Hugging Face release, a
-        reference fixture), a Hugging Face repo id, or None (the shipped shapes model); see
-        :func:`harmon.hub.load_pretrained`."""
-        return cls(*load_pretrained(name_or_path, device=device, dtype=dtype))
+        reference fixture), a Hugging Face repo id, or None (the shipped shapes model); ``quantize="int8"``
+        for int8 weights; see :func:`harmon.hub.load_pretrained`."""
+        return cls(*load_pretrained(name_or_path, device=device, dtype=dtype, quantize=quantize))
 
     def _seeded_rng(self, count: int, generator, seeds: Sequence[int] | None, candidates: int = 1
                     ) -> tuple[TokenRNG, list[int | None]]:
