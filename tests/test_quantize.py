@@ -186,3 +186,18 @@ def test_image_pixels_stay_close(int8_model, reference_model):
                                                                                               int8_model)]
     error = (images[0] - images[1]).abs().mul(127.5)
     assert np.isfinite(error.numpy()).all() and 0 < error.mean().item() < 2, error.mean().item()  # measured 0.3/255
+
+
+def test_plain_reads_equal_the_mapped_tensors(tiny_fixture_dir, tmp_path):
+    from harmon.tensor_files import SafetensorsFile
+
+    weights = SafetensorsFile(tiny_fixture_dir / "weights.safetensors")
+    for key in weights:  # what loading reads when it copies a tensor anyway (int8, another dtype or device)
+        assert torch.equal(weights.read_copy(key), weights[key]), key
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_fixture_dir / "config.json").read_text())
+    data = (tiny_fixture_dir / "weights.safetensors").read_bytes()
+    (folder / "weights.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(InputError, match="cut short"):
+        load_model(folder, quantize="int8")

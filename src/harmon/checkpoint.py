@@ -17,136 +17,26 @@ the target device and dtype, so the weights are never held twice.
 from __future__ import annotations
 
 import json
-import os
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import safe_open
 
 from .config import PRESETS, HarmonConfig, VAEConfig
-from .errors import InputError
 from .models.harmon import Harmon, qwen2_config
 from .quantize import check_combination, check_quantization, finish_quantization, int8_keys, int8_weight
 from .release import ReleaseConfigError, config_from_release, is_release_config
+from .tensor_files import CheckpointError, PathLike, SafetensorsFile, read_torch_file, weight_headers
 
-PathLike = str | os.PathLike
 TIED_KEY, EMBED_KEY = "llm.lm_head.weight", "llm.model.embed_tokens.weight"
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 RELEASED_PRESETS = ("harmon-0.5b", "harmon-1.5b")
-
-
-class CheckpointError(InputError):
-    """A checkpoint that cannot be loaded as asked, with the reason."""
-
-
-# -- reading tensors --------------------------------------------------------------------------
-def read_torch_file(path: PathLike) -> dict[str, torch.Tensor]:
-    """A ``.pth`` / ``.ckpt`` / ``.bin`` state dict, loaded with ``weights_only=True`` (no code runs).
-
-    Unwraps ``{"model": ...}`` and ``{"state_dict": ...}`` containers.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    try:
-        # mmap only works for the zip format of torch.save; legacy (non-zip) files are read without it
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as err:  # UnpicklingError, RuntimeError, EOFError, KeyError (garbage), ...
-        detail = type(err).__name__ + "".join(f": {line}" for line in str(err).strip().splitlines()[:1])
-        raise CheckpointError(
-            f"refusing to load {path}: it is not a plain tensor checkpoint that can be read with "
-            f"weights_only=True (no pickled code is ever executed). Details: {detail}") from err
-    for wrapper in ("model", "state_dict", "module"):
-        if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
-    return obj
-
-
-class SafetensorsFile(Mapping[str, torch.Tensor]):
-    """A ``.safetensors`` file as a read-only mapping whose tensors are read one at a time, on access.
-
-    Loading through it never holds the whole file in memory next to the model.
-    """
-
-    def __init__(self, path: PathLike):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise CheckpointError(f"weights file not found: {self.path}")
-        try:
-            self._file = safe_open(str(self.path), framework="pt")
-            self._keys = list(self._file.keys())
-        except Exception as err:  # SafetensorError for truncated or corrupt files
-            raise CheckpointError(f"cannot read {self.path} as safetensors: {err}{_truncation_hint(self.path)}") \
-                from err
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._keys:
-            raise KeyError(key)
-        try:
-            return self._file.get_tensor(key)
-        except Exception as err:
-            raise CheckpointError(f"cannot read tensor {key} from {self.path}: {err}") from err
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        """The tensor's shape, from the file header (nothing is read)."""
-        return tuple(self._file.get_slice(key).get_shape())
-
-    def same_bytes(self, a: str, b: str, chunk: int = 1 << 24) -> bool:
-        """Whether tensors ``a`` and ``b`` are stored with the same dtype, shape and bytes.
-
-        Read with plain reads, a chunk at a time: unlike ``torch.equal`` on the tensors, comparing maps no
-        page of the file into memory (the release stores its tied LM head beside the embedding).
-        """
-        start, header = _read_header(self.path)
-        ea, eb = header[a], header[b]
-        if (ea["dtype"], ea["shape"]) != (eb["dtype"], eb["shape"]):
-            return False
-        (a0, a1), (b0, _) = ea["data_offsets"], eb["data_offsets"]
-        with open(self.path, "rb") as fh:
-            for offset in range(0, a1 - a0, chunk):
-                n = min(chunk, a1 - a0 - offset)
-                if os.pread(fh.fileno(), n, start + a0 + offset) != os.pread(fh.fileno(), n, start + b0 + offset):
-                    return False
-        return True
 
 
 def _same_tensor(state_dict: Mapping[str, torch.Tensor], a: str, b: str) -> bool:
     if isinstance(state_dict, SafetensorsFile):
         return state_dict.same_bytes(a, b)
     return torch.equal(state_dict[a], state_dict[b])
-
-
-def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """(where the data begins, the JSON header) of a safetensors file; ValueError for a broken header."""
-    with open(path, "rb") as fh:
-        length = int.from_bytes(fh.read(8), "little")
-        if not 0 < length <= min(path.stat().st_size - 8, 100_000_000):
-            raise InputError(f"header length {length}")
-        return 8 + length, json.loads(fh.read(length))
-
-
-def _truncation_hint(path: Path) -> str:
-    """'; it is N bytes but its header describes M ...' for a file cut short (a broken download), else ''."""
-    try:
-        start, header = _read_header(path)
-        end = start + max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
-    size = path.stat().st_size
-    if end <= size:
-        return ""
-    return (f"; the file is {size:,} bytes but its header describes {end:,}: it was cut short "
-            "(an interrupted download or copy?); download or copy it again")
 
 
 # -- building and strict loading ----------------------------------------------------------------
@@ -201,7 +91,11 @@ def load_state_dict(config: HarmonConfig, state_dict: Mapping[str, torch.Tensor]
     for key, source in names.items():  # one tensor at a time: never two copies of the weights
         if tied and key == TIED_KEY:
             continue
-        tensor = state_dict[source]
+        # a tensor copied anyway (to int8, another dtype or device) is read with plain reads, so that the file's
+        # pages do not pile up in this process beside the copies; else the mapped file is the tensor
+        copied = isinstance(state_dict, SafetensorsFile) and (key in int8 or device.type != "cpu" or (
+            key in floating and state_dict.stored_dtype(source) != str(dtype).removeprefix("torch.")))
+        tensor = state_dict.read_copy(source) if copied else state_dict[source]
         if tensor.is_floating_point() != (key in floating):
             raise CheckpointError(f"{source} is stored as {str(tensor.dtype).removeprefix('torch.')}, but the model "
                                   f"holds {'floating point' if key in floating else 'integer'} values there: the "
@@ -370,25 +264,6 @@ def folder_weights_path(folder: Path) -> Path:
     if len(shards) == 1:
         return shards[0]
     raise CheckpointError(f"{folder} has no weights: expected {WEIGHTS_NAME} (found {[p.name for p in folder.iterdir()]})")
-
-
-_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I64": "int64",
-              "I32": "int32", "U8": "uint8", "BOOL": "bool"}
-
-
-def weight_headers(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """Shapes and dtypes of the tensors in a weights file, without reading the tensors."""
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                slices = {k: f.get_slice(k) for k in f.keys()}
-                return ({k: tuple(s.get_shape()) for k, s in slices.items()},
-                        {k: _ST_DTYPES.get(s.get_dtype(), s.get_dtype()) for k, s in slices.items()})
-        except Exception as err:
-            raise CheckpointError(f"cannot read {path} as safetensors: {err}{_truncation_hint(path)}") from err
-    tensors = read_torch_file(path)  # memory-mapped zip checkpoints: shapes without reading the data
-    return ({k: tuple(v.shape) for k, v in tensors.items()},
-            {k: str(v.dtype).split(".")[-1] for k, v in tensors.items()})
 
 
 def stored_dtype(path: Path) -> torch.dtype:

@@ -21,6 +21,7 @@ quantization for that). ``harmon.hub.load_pretrained(..., quantize="int8")`` and
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 from torch import nn
@@ -65,13 +66,17 @@ def _enum_registration_message(record: logging.LogRecord) -> bool:
 
 
 def quiet_torchao_warnings() -> None:
-    """Keep two warnings of torchao's import off stderr (transformers imports torchao whenever it is installed,
-    so every command would print them; ``harmon``'s ``__init__`` calls this first): that its CUDA kernels did
-    not load, in a build of torch without CUDA, where they cannot (weight-only int8 does not use them), and
-    torch 2.13's deprecation notice for the Enums torchao registers. Other messages pass; idempotent."""
+    """Keep three notices off stderr. Two come with torchao's import, which transformers does whenever torchao
+    is installed, so every command would print them (``harmon``'s ``__init__`` calls this first): that its
+    CUDA kernels did not load, in a build of torch without CUDA, where they cannot (weight-only int8 does not
+    use them), and torch 2.13's deprecation of the Enums torchao registers. The third comes with compiling
+    int8 layers: that torchao's ``Int8Tensor`` has no stable hash for the compile cache. Other messages
+    pass; idempotent."""
     if torch.version.cuda is None:
         logging.getLogger("torchao").addFilter(_cuda_kernel_message)
     logging.getLogger("torch.utils._pytree").addFilter(_enum_registration_message)
+    # torch.compile of int8 layers (--compile --quantize int8): only its compile cache's keys are affected
+    warnings.filterwarnings("ignore", message="Int8Tensor does not implement _stable_hash_for_caching")
 
 
 def import_torchao():
@@ -114,14 +119,22 @@ def int8_keys(model: nn.Module) -> set[str]:
     return keys | {EMBED_KEY}
 
 
-def int8_weight(weight: torch.Tensor) -> nn.Parameter:
+def int8_weight(weight: torch.Tensor, chunk_elements: int = 1 << 24) -> nn.Parameter:
     """``weight`` (out, in) as an int8 parameter with one scale per output row (symmetric; torchao's
-    ``Int8Tensor``), on ``weight``'s device; ``F.linear`` with it multiplies in the input's dtype."""
+    ``Int8Tensor``), on ``weight``'s device; ``F.linear`` with it multiplies in the input's dtype. Rows are
+    quantized ``chunk_elements`` values at a time (each row on its own, so the result is the same as in one
+    go), which bounds the float32 temporaries of quantizing a vocabulary matrix to a few of the chunk's size."""
     torchao = import_torchao()
     from torchao.quantization.granularity import PerRow
 
+    Int8Tensor = torchao.quantization.Int8Tensor
+    rows = max(1, chunk_elements // max(1, weight.shape[1]))
     with torch.no_grad():
-        return nn.Parameter(torchao.quantization.Int8Tensor.from_hp(weight.detach(), PerRow()), requires_grad=False)
+        parts = [Int8Tensor.from_hp(weight[i:i + rows].detach(), PerRow()) for i in range(0, weight.shape[0], rows)]
+        whole = parts[0] if len(parts) == 1 else Int8Tensor(
+            torch.cat([p.qdata for p in parts]), torch.cat([p.scale for p in parts]), parts[0].block_size,
+            weight.dtype, zero_point=torch.cat([p.zero_point for p in parts]))
+        return nn.Parameter(whole, requires_grad=False)
 
 
 def finish_quantization(model, quantization: str) -> None:
