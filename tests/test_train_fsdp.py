@@ -147,3 +147,20 @@ def test_two_fsdp_processes_in_bfloat16_go_on_past_unreadable_images(dataset, tm
     assert [r["step"] for r in log] == [1, 2] and all(r["t2i"] > 0 and r["i2t"] > 0 for r in log)
     final = load_model(tmp_path / "run" / "final")
     assert all(t.dtype == torch.float32 for t in final.state_dict().values())
+
+
+def test_a_forged_meta_json_is_refused_before_anything_is_read_or_removed(dataset, tmp_path):
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    checkpoint = run / "checkpoints" / "step_0000001"
+    checkpoint.mkdir(parents=True)
+    elsewhere.mkdir()
+    (run / "train_config.json").write_text(json.dumps(config(dataset, run, parallel="fsdp").to_dict()))
+    (run / "checkpoints" / "latest").write_text("step_0000001")
+    for meta in ({"step": 1, "world_size": 1, "shards": "../../elsewhere"},
+                 {"step": "1", "world_size": 1, "shards": "shards"}):
+        (checkpoint / "meta.json").write_text(json.dumps(meta))
+        with pytest.raises(InputError, match=r"meta.json is not a checkpoint's: it needs integer step"):
+            export_checkpoint(run, tmp_path / "out")
+        with pytest.raises(InputError, match=r"meta.json is not a checkpoint's"):
+            edit_checkpoint(run, lambda model: None)
+    assert elsewhere.is_dir()

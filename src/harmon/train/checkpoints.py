@@ -34,6 +34,7 @@ from .model import HarmonForTraining, prepare_model
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"  # in the checkpoints of fsdp runs (state.pt in those of ddp runs)
+SHARDS = ("shards", "shards_edited")  # the folder of a sharded checkpoint's tensors, as meta.json names it
 
 # settings a resumed run may change: when to stop, to save and to log, where to run, compiling (which changes
 # losses by float rounding at most); any other change would make the run something else than it says
@@ -61,9 +62,9 @@ def save_checkpoint(out: Path, step: int, module: HarmonForTraining, optimizer, 
     rng_state = torch.get_rng_state()
     write_atomically(tmp / f"rng_rank{world.rank}.pt", lambda path: torch.save(rng_state, path))
     if cfg.parallel == "fsdp":
-        save_shards(tmp / "shards", module, optimizer)
+        save_shards(tmp / SHARDS[0], module, optimizer)
         if world.main:
-            write_atomically(tmp / META, json.dumps({"step": step, "world_size": world.size, "shards": "shards"}))
+            write_atomically(tmp / META, json.dumps({"step": step, "world_size": world.size, "shards": SHARDS[0]}))
     elif world.main:
         state = {"step": step, "model": trainable_state(module.model), "optimizer": optimizer.state_dict(),
                  "config": cfg.to_dict(), "world_size": world.size}
@@ -88,11 +89,11 @@ def load_checkpoint(out: Path, module: HarmonForTraining, optimizer, world: Worl
         return 0
     folder = out / CHECKPOINTS / name
     if (folder / META).is_file():
-        meta = read_json(folder / META)
+        meta = _read_meta(folder)
         _check_world_size(folder, meta["world_size"], world)
         load_shards(folder / meta["shards"], module, optimizer)
         torch.set_rng_state(torch.load(folder / f"rng_rank{world.rank}.pt", weights_only=True))
-        return int(meta["step"])
+        return meta["step"]
     state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     _check_world_size(folder, state["world_size"], world)
     if (module.readout is None) != ("readout" not in state):
@@ -104,6 +105,17 @@ def load_checkpoint(out: Path, module: HarmonForTraining, optimizer, world: Worl
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(torch.load(folder / f"rng_rank{world.rank}.pt", weights_only=True))
     return int(state["step"])
+
+
+def _read_meta(folder: Path) -> dict:
+    """A sharded checkpoint's ``meta.json``, checked: integer step and process count, a known tensor folder."""
+    meta = read_json(folder / META)
+    ok = meta.get("shards") in SHARDS and all(
+        type(meta.get(key)) is int and meta[key] >= 0 for key in ("step", "world_size"))
+    if not ok:
+        raise InputError(f"{folder / META} is not a checkpoint's: it needs integer step and world_size and "
+                         f"shards one of {list(SHARDS)}")
+    return meta
 
 
 def _check_world_size(folder: Path, saved: int, world: World) -> None:
@@ -198,11 +210,11 @@ def edit_checkpoint(run_dir: str | Path, edit: Callable[[Harmon], None]) -> int:
 def _rewrite_shards(checkpoint: Path, trained: dict[str, torch.Tensor]) -> None:
     """Replace a sharded checkpoint's trained tensors (its optimiser state kept): the new files go into a
     second folder, which ``meta.json`` then names (rewritten atomically), and the old folder goes."""
-    meta = read_json(checkpoint / META)
+    meta = _read_meta(checkpoint)
     old = meta["shards"]
     tensors = read_shards(checkpoint / old)
     tensors.update({f"model.{k}": v for k, v in trained.items()})
-    meta["shards"] = "shards_edited" if old == "shards" else "shards"
+    meta["shards"] = SHARDS[1 - SHARDS.index(old)]
     shutil.rmtree(checkpoint / meta["shards"], ignore_errors=True)  # left by an edit that was killed
     write_shards(checkpoint / meta["shards"], tensors)
     write_atomically(checkpoint / META, json.dumps(meta))
@@ -246,7 +258,7 @@ def _starting_model(cfg: TrainConfig) -> Harmon:
 def _checkpoint_model(checkpoint: Path, cfg: TrainConfig) -> tuple[Harmon, int]:
     """The run's starting model with a checkpoint's trained tensors (of either layout), and its step."""
     if (checkpoint / META).is_file():
-        meta = read_json(checkpoint / META)
+        meta = _read_meta(checkpoint)
         tensors = read_shards(checkpoint / meta["shards"])
         trained = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
         step = meta["step"]
