@@ -7,7 +7,8 @@ prefilled once, and the diffusion sampler keeps only the conditional rows (the
 original samples the unconditional twins too and then overwrites them with the
 conditional ones). The prompts' KV cache is allocated once with room for an
 iteration's image tokens, and nothing in the loop reads values back from the
-device. Known tokens (editing) are kept and never re-sampled.
+device. Known tokens (editing) are kept and never re-sampled. An image drawn in a
+batch is bit-identical to the same image drawn alone (:mod:`harmon.batch_invariance`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from .errors import InputError
+from .batch_invariance import StableRows
 from .models.harmon import Harmon, crop_cache, reserve_room
 from .settings import GenerationSettings
 
@@ -73,6 +75,44 @@ def prefill_shared(model: Harmon, input_ids: torch.Tensor) -> DynamicCache:
     return cache
 
 
+class PromptCaches:
+    """The prompts' KV caches of a generation loop, one per prompt width, and the LLM pass over them.
+
+    ``input_ids`` / ``attention_mask`` (rows, T): right-padded prompts, with guidance B conditional rows then
+    B unconditional ones. Image i alone is padded to its own width (the longer of its two rows), and attention
+    over a longer run of masked keys rounds differently; so here it joins the group of that width, whose rows
+    are cut to it, prefilled together (each distinct row once) and given ``room`` free positions. With one
+    group (an image alone, or prompts of one width) this is the single cache of all rows.
+    """
+
+    def __init__(self, model: Harmon, input_ids: torch.Tensor, attention_mask: torch.Tensor, guided: bool,
+                 room: int):
+        self.model = model
+        rows = input_ids.shape[0]
+        b = rows // 2 if guided else rows
+        lengths = attention_mask.to(torch.long).sum(dim=1)  # (rows,)
+        widths = (torch.maximum(lengths[:b], lengths[b:]) if guided else lengths).tolist()  # (B,)
+        self.groups: list[tuple[torch.Tensor | None, int, torch.Tensor, DynamicCache]] = []
+        for width in sorted(set(widths)):
+            images = [i for i, w in enumerate(widths) if w == width]
+            index = torch.tensor(images + [b + i for i in images] if guided else images, device=input_ids.device)
+            ids, mask = input_ids[index, :width], attention_mask[index, :width]  # (r, width)
+            cache = reserve_room(prefill_shared(model, ids), room)
+            self.groups.append((None if len(images) == b else index, width, mask, cache))
+
+    def residual(self, x_enc: torch.Tensor, z_enc: torch.Tensor) -> torch.Tensor:
+        """:meth:`Harmon.llm_residual` of x_enc (rows, K + visible, D_enc) and z_enc (rows, visible + K, H) after
+        the prompts, group by group; each cache is cut back to its prompts afterwards."""
+        out = x_enc if len(self.groups) == 1 else torch.empty_like(x_enc)
+        for index, width, mask, cache in self.groups:
+            if index is None:  # the one group, of every row
+                out = self.model.llm_residual(x_enc, z_enc, mask, cache=cache)
+            else:
+                out[index] = self.model.llm_residual(x_enc[index], z_enc[index], mask, cache=cache)
+            crop_cache(cache, width)
+        return out
+
+
 @torch.no_grad()
 def generate_latents(model: Harmon, input_ids: torch.Tensor, attention_mask: torch.Tensor, rng: TokenRNG,
                      settings: GenerationSettings | None = None, *,
@@ -104,17 +144,18 @@ def generate_latents(model: Harmon, input_ids: torch.Tensor, attention_mask: tor
     tokens = torch.zeros(b, seq_len, c, device=device, dtype=dtype)  # (B, L, C)
     mask = torch.ones(b, seq_len, device=device)                     # float32, 1 = still to generate
     to_generate = seq_len if known is None else _keep_known(known, tokens, mask, orders)
-    prefix_len = input_ids.shape[1]
-    # room for one iteration's image tokens (buffer + visible), allocated once
-    cache = reserve_room(prefill_shared(model, input_ids), model.buffer_size + seq_len)
+    # the prompts' caches (one per prompt width), with room for one iteration's image tokens (buffer + visible);
+    # StableRows: products of few rows computed as in many, alone or in a batch (the head pads its own rows)
+    with StableRows():
+        caches = PromptCaches(model, input_ids, attention_mask, guided, room=model.buffer_size + seq_len)
     pair = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
 
     masked = to_generate  # tracked on the host: no device synchronisation per step
     for step in range(num_iter):
-        x_enc, z_enc = model.extract_visual_feature(tokens.view(b, h, w, c), mask, num_masked=masked)
-        x_enc = model.llm_residual(pair(x_enc), pair(z_enc), attention_mask, cache=cache)
-        crop_cache(cache, prefix_len)
-        z = model.mar.forward_mae_decoder(x_enc, pair(mask), image_shape=(h, w))  # (rows, L, D_dec)
+        with StableRows():
+            x_enc, z_enc = model.extract_visual_feature(tokens.view(b, h, w, c), mask, num_masked=masked)
+            x_enc = caches.residual(pair(x_enc), pair(z_enc))
+            z = model.mar.forward_mae_decoder(x_enc, pair(mask), image_shape=(h, w))  # (rows, L, D_dec)
 
         mask_len = next_mask_len(to_generate, step, num_iter, masked)
         mask_next = torch.zeros_like(mask).scatter_(1, orders[:, :mask_len], 1.0)

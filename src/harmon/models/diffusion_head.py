@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..batch_invariance import MIN_ROWS, pad_rows
 from ..diffusion import GaussianDiffusion, sampling_spec
 
 
@@ -87,8 +88,11 @@ class SimpleMLPAdaLN(nn.Module):
         # Runs in the weights' dtype, outside any autocast region: the first reverse step multiplies
         # the error of the predicted noise by about 300 (sqrt(1 / alpha_bar - 1) at t = 999 times the
         # posterior coefficient), so the head is kept at full precision while training under bf16
-        # autocast. The diffusion state may be float32 while the weights are bfloat16.
-        dtype = self.input_proj.weight.dtype
+        # autocast. The diffusion state may be float32 while the weights are bfloat16. Fewer than MIN_ROWS
+        # rows run padded with zero rows, so that each row is computed as in a product of many rows, alone
+        # or in a batch (:mod:`harmon.batch_invariance`).
+        dtype, rows = self.input_proj.weight.dtype, x.shape[0]
+        x, t, c = (pad_rows(a, MIN_ROWS) for a in (x, t, c))  # (max(N, MIN_ROWS), ...)
         with torch.autocast(x.device.type, enabled=False):
             x = self.input_proj(x.to(dtype))
             y = self.time_embed(t) + self.cond_embed(c.to(dtype))
@@ -97,7 +101,7 @@ class SimpleMLPAdaLN(nn.Module):
                     x = checkpoint(block, x, y, use_reentrant=False)
                 else:
                     x = block(x, y)
-            return self.final_layer(x, y)
+            return self.final_layer(x, y)[:rows]
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, cfg_scale: float) -> torch.Tensor:
         """Guided output for a [cond; uncond] batch.

@@ -149,7 +149,8 @@ class TextToImagePipeline:
             tokens = generate_latents(self.model, input_ids, attention_mask, rng, settings, callback=on_step)
         finally:
             bar.close()
-        images = self.model.decode(tokens, tile=settings.vae_tile)  # (N * k, 3, H, W), image-major
+        # (N * k, 3, H, W), image-major; one image at a time: a convolution rounds differently with the batch size
+        images = torch.cat([self.model.decode(t.unsqueeze(0), tile=settings.vae_tile) for t in tokens])
         checks = None
         if k > 1:
             checks = judge_candidates(self.model, self.tokenizer, images, per_image, used_seeds)
