@@ -201,3 +201,18 @@ def test_plain_reads_equal_the_mapped_tensors(tiny_fixture_dir, tmp_path):
     (folder / "weights.safetensors").write_bytes(data[:len(data) // 2])
     with pytest.raises(InputError, match="cut short"):
         load_model(folder, quantize="int8")
+
+
+def test_int8_loading_checks_what_it_reads(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tiny_model_dir / "model.safetensors"))
+    key = next(k for k in state if k.startswith("llm.model.layers.0.mlp") and k.endswith("weight"))
+    state[key] = state[key].clone()
+    state[key][-1, 3] = float("nan")  # in the last rows read
+    folder = tmp_path / "nan"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(InputError, match=f"NaN or infinite.*{key}"):
+        load_model(folder, quantize="int8")

@@ -24,7 +24,7 @@ import torch
 
 from .config import PRESETS, HarmonConfig, VAEConfig
 from .models.harmon import Harmon, qwen2_config
-from .quantize import check_combination, check_quantization, finish_quantization, int8_keys, int8_weight
+from .quantize import check_combination, check_quantization, finish_quantization, int8_from_rows, int8_keys
 from .release import ReleaseConfigError, config_from_release, is_release_config
 from .tensor_files import CheckpointError, PathLike, SafetensorsFile, read_torch_file, weight_headers
 
@@ -91,9 +91,13 @@ def load_state_dict(config: HarmonConfig, state_dict: Mapping[str, torch.Tensor]
     for key, source in names.items():  # one tensor at a time: never two copies of the weights
         if tied and key == TIED_KEY:
             continue
-        # a tensor copied anyway (to int8, another dtype or device) is read with plain reads, so that the file's
+        if key in int8:  # read, checked and quantized a few rows at a time: never the whole weight in dtype
+            converted[key] = int8_from_rows(_checked_rows(state_dict, source, device, dtype, not_finite),
+                                            expected[key], device, dtype)
+            continue
+        # a tensor copied anyway (to another dtype or device) is read with plain reads, so that the file's
         # pages do not pile up in this process beside the copies; else the mapped file is the tensor
-        copied = isinstance(state_dict, SafetensorsFile) and (key in int8 or device.type != "cpu" or (
+        copied = isinstance(state_dict, SafetensorsFile) and (device.type != "cpu" or (
             key in floating and state_dict.stored_dtype(source) != str(dtype).removeprefix("torch.")))
         tensor = state_dict.read_copy(source) if copied else state_dict[source]
         if tensor.is_floating_point() != (key in floating):
@@ -104,8 +108,6 @@ def load_state_dict(config: HarmonConfig, state_dict: Mapping[str, torch.Tensor]
         del tensor
         if key in floating and not _all_finite(converted[key]):
             not_finite.append(source)
-        if key in int8:
-            converted[key] = int8_weight(converted[key])
     if not_finite:
         raise CheckpointError(f"{len(not_finite)} tensors hold NaN or infinite values ({', '.join(not_finite[:5])}"
                               f"{', ...' if len(not_finite) > 5 else ''}): the weights are corrupt (or overflowed "
@@ -120,6 +122,25 @@ def load_state_dict(config: HarmonConfig, state_dict: Mapping[str, torch.Tensor]
         finish_quantization(model, quantize)
     model.eval()
     return model
+
+
+def _checked_rows(state_dict: Mapping[str, torch.Tensor], source: str, device: torch.device, dtype: torch.dtype,
+                  not_finite: list[str]):
+    """``read_rows(start, stop)`` for :func:`~harmon.quantize.int8_from_rows`: rows of the floating tensor
+    ``source`` in ``dtype`` on ``device`` (plain reads from a safetensors file), ``source`` noted in
+    ``not_finite`` (once) when they hold NaN or infinity."""
+    def read_rows(start: int, stop: int) -> torch.Tensor:
+        rows = state_dict.read_copy(source, start, stop) if isinstance(state_dict, SafetensorsFile) \
+            else state_dict[source][start:stop]
+        if not rows.is_floating_point():
+            raise CheckpointError(f"{source} is stored as {str(rows.dtype).removeprefix('torch.')}, but the model "
+                                  "holds floating point values there: the file is corrupt or not a Harmon checkpoint")
+        rows = rows.to(device=device, dtype=dtype)
+        if not _all_finite(rows) and source not in not_finite:
+            not_finite.append(source)
+        return rows
+
+    return read_rows
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:

@@ -72,30 +72,35 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         except Exception as err:
             raise CheckpointError(f"cannot read tensor {key} from {self.path}: {err}") from err
 
-    def read_copy(self, key: str) -> torch.Tensor:
-        """Tensor ``key`` read with plain reads into memory of its own, mapping no page of the file: for a
-        tensor that is converted anyway (to another dtype, to int8), so that the file's pages do not stay
-        resident in this process beside the converted copies (they stay in the kernel's page cache only).
-        Tensors of a dtype torch cannot view from bytes are read as ``self[key]`` is."""
+    def read_copy(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Tensor ``key`` (rows ``start:stop`` of it, when given) read with plain reads into memory of its own,
+        mapping no page of the file: for a tensor that is copied anyway (to another dtype or device, to int8),
+        so that the file's pages do not stay resident in this process beside the copies (they stay in the
+        kernel's page cache only). A tensor of a dtype torch cannot view from bytes is read as ``self[key]``."""
         if key not in self._keys:
             raise KeyError(key)
         if self._header is None:
             self._header = _read_header(self.path)
-        start, header = self._header
+        data_start, header = self._header
         entry = header[key]
         dtype = getattr(torch, _ST_DTYPES.get(entry["dtype"], ""), None)
         if not isinstance(dtype, torch.dtype):
-            return self[key]
+            return self[key] if start is None and stop is None else self[key][start:stop]
+        shape = list(entry["shape"])
         begin, end = entry["data_offsets"]
+        if shape and (start is not None or stop is not None):
+            start, stop, _ = slice(start, stop).indices(shape[0])
+            row = (end - begin) // max(1, shape[0])
+            begin, end, shape[0] = begin + start * row, begin + max(start, stop) * row, max(0, stop - start)
         data = bytearray(end - begin)
         with open(self.path, "rb") as fh:
-            fh.seek(start + begin)
+            fh.seek(data_start + begin)
             if fh.readinto(data) != len(data):
                 raise CheckpointError(f"cannot read tensor {key} from {self.path}: the file ends early"
                                       f"{_truncation_hint(self.path)}")
         if not data:
-            return torch.empty(entry["shape"], dtype=dtype)
-        return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"])
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)
 
     def stored_dtype(self, key: str) -> str:
         """The dtype tensor ``key`` is stored in, by name (``float32``, ``bfloat16``, ...), from the header."""
