@@ -137,11 +137,10 @@ def test_images_generation_matches_the_pipeline(server, engine):
     assert png.size == (64, 64)
     assert png.text["prompt"] == "a red circle" and png.text["seed"] == "7" and png.text["num_iter"] == "2"
     assert json.loads(png.text["parameters"])["model"] == "tiny"
-    # the same batch as the server's (two images): a batch of one differs by float rounding (~4e-6), which
-    # can flip a pixel's 8-bit value
+    # the image alone: drawn in a batch (here of the request's two images) it is the same to the bit
     expected = TextToImagePipeline(engine.model, engine.tokenizer)(
-        ["a red circle"] * 2, GenerationSettings(guidance_scale=3.0, num_iter=2, num_steps=2, height=64, width=64),
-        seeds=[7, 8], progress=False).images[0]
+        "a red circle", GenerationSettings(guidance_scale=3.0, num_iter=2, num_steps=2, height=64, width=64),
+        seeds=[7], progress=False).images[0]
     assert png.convert("RGB").tobytes() == expected.tobytes()
 
 

@@ -21,13 +21,19 @@ def add_parsers(subparsers) -> None:
                     "Serve a web page (text to image with live progress; chat about an uploaded image, streamed) "
                     "and an HTTP JSON API following OpenAI's conventions: POST /v1/images/generations and POST "
                     "/v1/chat/completions (\"stream\": true for server-sent events). One model worker runs requests "
-                    "in order; requests beyond --queue-size waiting ones get 429.")
+                    "in order, text-to-image requests of equal settings together (--max-batch); requests beyond "
+                    "--queue-size waiting ones get 429.")
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $HARMON_API_KEY, else none)")
     p.add_argument("--queue-size", type=int, default=8, metavar="N", help="requests that may wait for the model")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="images that waiting text-to-image requests of equal settings draw in one sampling loop, each "
+                        "bit-identical to its request alone (1: no batching)")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0, metavar="MS",
+                   help="how long the worker waits for more requests to join a batch")
     p.add_argument("--size", type=int, default=None, metavar="PX",
                    help="default image side for generation (default: the model's)")
     p.add_argument("--max-size", type=int, default=1024, metavar="PX", help="largest image side a request may ask")
@@ -48,10 +54,15 @@ def add_parsers(subparsers) -> None:
 def _server_settings(args: argparse.Namespace, config: HarmonConfig, api_key: str | None):
     """The server's defaults and limits from the options; what the model cannot draw fails before its load."""
     from ..server import ServerSettings
+    from ..server.worker import MAX_BATCH, MAX_BATCH_WAIT
 
-    for name in ("queue_size", "max_images", "max_new_tokens", "max_upload_mb"):
+    for name in ("queue_size", "max_images", "max_new_tokens", "max_upload_mb", "max_batch"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_batch > MAX_BATCH:
+        raise InputError(f"--max-batch must be in 1..{MAX_BATCH} (1: no batching), got {args.max_batch}")
+    if not 0 <= args.batch_wait_ms <= 1000 * MAX_BATCH_WAIT:
+        raise InputError(f"--batch-wait-ms must be in 0..{1000 * MAX_BATCH_WAIT:g}, got {args.batch_wait_ms:g}")
     generation = GenerationSettings(num_iter=args.num_iter, num_steps=args.num_steps, height=args.size)
     side = generation.resolve(config).height
     if args.max_size < side or args.max_size % config.mar.vae_stride:
@@ -59,7 +70,8 @@ def _server_settings(args: argparse.Namespace, config: HarmonConfig, api_key: st
                          f"side {side}, got {args.max_size}")
     image_size = config.image_size if args.image_size is None else args.image_size
     check_understanding_size(image_size, config.mar.vae_stride, config.mar.buffer_size, config.max_positions)
-    return ServerSettings(api_key=api_key, queue_size=args.queue_size, generation=generation, max_size=args.max_size,
+    return ServerSettings(api_key=api_key, queue_size=args.queue_size, max_batch=args.max_batch,
+                          batch_wait=args.batch_wait_ms / 1000, generation=generation, max_size=args.max_size,
                           max_images=args.max_images, image_size=image_size, max_new_tokens=args.max_new_tokens,
                           max_upload_bytes=args.max_upload_mb * 1024 * 1024)
 

@@ -29,11 +29,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     """The server application around a loaded model; its worker thread starts and stops with the app.
 
     Raises :class:`~harmon.errors.InputError` when ``settings``' default generation settings do not suit
-    the model (checked once here rather than in every request).
+    the model (checked once here rather than in every request), or its queue or batch sizes are out of range.
     """
     settings = settings or ServerSettings()
     settings.generation.resolve(engine.config)
-    worker = ModelWorker(settings.queue_size)
+    worker = ModelWorker(settings.queue_size, settings.max_batch, settings.batch_wait)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from .engine import Engine
 from .errors import ApiError, queue_full
 from .inputs import ServerSettings, parse_body
-from .worker import Job, ModelWorker, QueueFullError
+from .worker import Batchable, Job, ModelWorker, QueueFullError
 
 B = TypeVar("B", bound=BaseModel)
 
@@ -71,9 +71,10 @@ def json_body(model: type[B]) -> Callable[..., Awaitable[B]]:
     return parsed
 
 
-def submit(worker: ModelWorker, fn: Callable[[Job], Any]) -> Job:
-    """Queue ``fn`` on the model worker, or answer 429 at once when its queue is full."""
+def submit(worker: ModelWorker, fn: Callable[[Job], Any], batch: Batchable | None = None) -> Job:
+    """Queue ``fn`` on the model worker (drawn with others of ``batch``'s key when given), or answer 429 at
+    once when its queue is full."""
     try:
-        return worker.submit(fn)
+        return worker.submit(fn, batch=batch)
     except QueueFullError:
         raise queue_full() from None

@@ -12,7 +12,7 @@ from ..pipelines import ChatSession, EditPipeline, ImageToTextPipeline, TextToIm
 from ..sampling import StepInfo
 from .chat_requests import ChatParams
 from .image_requests import EditParams, GenerationParams
-from .worker import Job
+from .worker import Batchable, Job, JobCancelled
 
 
 class Engine:
@@ -57,6 +57,39 @@ class Engine:
                                     callback=on_step)
         return [self._png(image, p.prompt, seed, result.settings, result.details(i))
                 for i, (image, seed) in enumerate(zip(result.images, p.seeds))]
+
+    def batchable(self, p: GenerationParams) -> Batchable | None:
+        """How a text-to-image request may be drawn with others: with those whose resolved settings are equal
+        (every field, whatever fields the settings have), in :meth:`generate_batch`. Self-check requests
+        (``self_check`` > 1, candidates judged together) are drawn alone."""
+        if p.settings.self_check != 1:
+            return None
+        return Batchable(("generate", p.settings), p.n, p, self.generate_batch)
+
+    @torch.no_grad()
+    def generate_batch(self, params: list[GenerationParams], jobs: list[Job]) -> list[list[dict[str, Any]]]:
+        """The images of several requests with equal settings in one sampling loop: what :meth:`generate`
+        answers each of them alone, bit for bit (an image depends only on its prompt, seed and settings:
+        :mod:`harmon.batch_invariance`). Every MAR iteration sends ``progress`` to each job; a cancelled job
+        stops getting events (its images are still drawn), and the loop stops when every job is cancelled."""
+        def on_step(info: StepInfo) -> None:
+            for job in jobs:
+                try:
+                    job.emit("progress", {"step": info.step + 1, "total": info.num_iter})
+                except JobCancelled:
+                    pass
+            if all(job.cancelled.is_set() for job in jobs):
+                raise JobCancelled()
+
+        prompts = [p.prompt for p in params for _ in range(p.n)]
+        seeds = [seed for p in params for seed in p.seeds]
+        result = self.text_to_image(prompts, params[0].settings, seeds=seeds, progress=False, callback=on_step)
+        answers, start = [], 0
+        for p in params:
+            answers.append([self._png(result.images[start + k], p.prompt, seed, result.settings,
+                                      result.details(start + k)) for k, seed in enumerate(p.seeds)])
+            start += p.n
+        return answers
 
     # -- image editing -------------------------------------------------------------------------
     @torch.no_grad()

@@ -63,9 +63,9 @@ class ImageReply:
 @router.post("/generations")
 async def generations(req: Annotated[ImageRequest, Depends(json_body(ImageRequest))], engine: EngineDep,
                       settings: SettingsDep, worker: WorkerDep) -> Response:
-    """Text to image: ``n`` images of one prompt."""
+    """Text to image: ``n`` images of one prompt (drawn with other waiting requests of equal settings)."""
     params = generation_params(req, settings, engine.config)
-    job = submit(worker, lambda job: engine.generate(params, job))
+    job = submit(worker, lambda job: engine.generate(params, job), batch=engine.batchable(params))
     reply = ImageReply.of(engine.name, params.settings)
     if req.stream:
         return event_stream(reply.events(job, worker))

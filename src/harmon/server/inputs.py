@@ -33,11 +33,15 @@ class ServerSettings:
     """Defaults for what a request leaves out, the limits every request must keep, and access.
 
     ``generation``: the image settings a request starts from (its ``None`` fields: the model's own);
-    ``image_size``: the side images are resized to for understanding (the :class:`Engine`'s).
+    ``image_size``: the side images are resized to for understanding (the :class:`Engine`'s);
+    ``max_batch``: images that waiting text-to-image requests of equal settings may draw in one sampling
+    loop (1: each request alone), ``batch_wait``: seconds the worker waits for such requests to arrive.
     """
 
     api_key: str | None = None
     queue_size: int = 8
+    max_batch: int = 16
+    batch_wait: float = 0.02
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     # text to image and edit limits
     max_size: int = 1024

@@ -52,9 +52,10 @@ async def page_json(engine: EngineDep, settings: SettingsDep) -> dict[str, Any]:
 
 @router.get("/health")
 async def health(engine: EngineDep, worker: WorkerDep) -> dict[str, Any]:
-    """Liveness and the queue's state."""
+    """Liveness and the queue's state (``batches``: sampling loops that drew several requests)."""
     return {"status": "ok", "model": engine.name, "busy": worker.busy, "queued": worker.waiting,
-            "queue_size": worker.queue_size, "completed": worker.completed}
+            "queue_size": worker.queue_size, "completed": worker.completed, "max_batch": worker.max_batch,
+            "batches": worker.batches}
 
 
 @router.get("/v1/models", dependencies=[Depends(authorize)])
