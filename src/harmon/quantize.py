@@ -127,7 +127,7 @@ def int8_weight(weight: torch.Tensor) -> nn.Parameter:
 
 
 def int8_from_rows(read_rows, shape: tuple[int, int], device: torch.device, dtype: torch.dtype,
-                   chunk_elements: int = 1 << 20) -> nn.Parameter:
+                   chunk_elements: int = 1 << 21) -> nn.Parameter:
     """The int8 parameter of :func:`int8_weight` for a weight of ``shape`` given a row at a time:
     ``read_rows(start, stop)`` returns rows ``start:stop`` in ``dtype`` on ``device``, asked for about
     ``chunk_elements`` values at a time. Each row is quantized on its own, so the result is the same bits as
