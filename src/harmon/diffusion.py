@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -86,6 +87,25 @@ def sampling_spec(configured: str, num_steps: str | int | None = None) -> str:
     if spec.isdigit() and configured.startswith("ddim"):
         return f"ddim{ddim_count(NUM_TRAIN_TIMESTEPS, int(spec))}"
     return spec
+
+@dataclass
+class ReverseStep:
+    """One noisy reverse step as sampled: respaced index t, x_t and x_{t-1} (N, C), and log p(x_{t-1} | x_t)
+    per row (N,) as :func:`gaussian_log_prob` gives it."""
+
+    t: int
+    x_t: torch.Tensor
+    x_prev: torch.Tensor
+    log_prob: torch.Tensor
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_variance: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Mean over the channels of log N(x; mean, exp(log_variance) * temperature^2): rows (N, C) -> (N,)."""
+    log_std = 0.5 * log_variance + math.log(temperature)
+    z = (x - mean) * torch.exp(-log_std)
+    return (-0.5 * z ** 2 - log_std - 0.5 * math.log(2 * math.pi)).mean(dim=-1)
+
 
 class GaussianDiffusion:
     """A (possibly respaced) diffusion process over ``NUM_TRAIN_TIMESTEPS`` cosine-schedule steps.
@@ -183,12 +203,17 @@ class GaussianDiffusion:
         return out
 
     def p_sample_loop(self, model: DenoiseFn, x_T: torch.Tensor, step_noise: Callable[[], torch.Tensor],
-                      temperature: float = 1.0) -> torch.Tensor:
-        """Run all reverse steps from x_T; ``step_noise()`` supplies each step's noise (also at t == 0)."""
+                      temperature: float = 1.0, trace: list[ReverseStep] | None = None) -> torch.Tensor:
+        """Run all reverse steps from x_T; ``step_noise()`` supplies each step's noise (also at t == 0).
+        ``trace`` receives a :class:`ReverseStep` for every step that draws noise (t > 0)."""
         x = x_T
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-            x = self.p_sample(model, x, t, step_noise(), temperature)["sample"]
+            out = self.p_sample(model, x, t, step_noise(), temperature)
+            if trace is not None and i > 0:
+                trace.append(ReverseStep(i, x, out["sample"], gaussian_log_prob(out["sample"], out["mean"],
+                                                                                  out["log_variance"], temperature)))
+            x = out["sample"]
         return x
 
     # -- training --------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from .errors import InputError
+from .diffusion import ReverseStep
 from .batch_invariance import StableRows
 from .models.harmon import Harmon, crop_cache, reserve_room
 from .settings import GenerationSettings
@@ -46,6 +47,22 @@ class StepInfo:
     z: torch.Tensor             # (N, D_dec) conditions of the sampled tokens; [cond; uncond] with guidance
     sampled: torch.Tensor       # (N_cond, C) sampled token latents
     tokens: torch.Tensor        # (B, L, C) all tokens after this step
+
+
+@dataclass
+class IterationTrace:
+    """What one MAR iteration of :func:`generate_latents` sampled, enough to recompute its log-probability
+    under other weights (reward fine-tuning): the tokens and mask it started from, the positions it sampled,
+    its guidance and diffusion steps, and the noisy reverse steps of its diffusion head."""
+
+    step: int
+    tokens: torch.Tensor     # (B, L, C) tokens before this iteration
+    mask: torch.Tensor       # (B, L) float, 1 = still to generate, before this iteration
+    masked: int              # tokens still masked before this iteration, per image
+    positions: torch.Tensor  # (B, n) positions this iteration sampled, ascending per image
+    cfg: float
+    num_steps: str           # the respacing its diffusion head sampled with
+    steps: list[ReverseStep]  # rows image-major: image i's tokens at rows i*n .. i*n+n-1
 
 
 def next_mask_len(seq_len: int, step: int, num_iter: int, num_masked: int) -> int:
@@ -117,7 +134,8 @@ class PromptCaches:
 def generate_latents(model: Harmon, input_ids: torch.Tensor, attention_mask: torch.Tensor, rng: TokenRNG,
                      settings: GenerationSettings | None = None, *,
                      known: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     callback: Callable[[StepInfo], None] | None = None) -> torch.Tensor:
+                     callback: Callable[[StepInfo], None] | None = None,
+                     trace: list[IterationTrace] | None = None) -> torch.Tensor:
     """Generate latent tokens (B, h, w, C) for B prompts with ``settings`` (resolved for the model here;
     the latent grid (h, w) is their image size over the VAE stride).
 
@@ -125,7 +143,8 @@ def generate_latents(model: Harmon, input_ids: torch.Tensor, attention_mask: tor
     hold B conditional rows followed by B unconditional rows (2B in all). ``known`` = (tokens (B, h, w, C),
     mask (B, h*w) bool, True = known) gives tokens that are kept as they are (inpainting, outpainting,
     variations): only the others are generated, in the same loop, with the mask schedule over the unknown
-    tokens. Every image must have the same number of unknown tokens.
+    tokens. Every image must have the same number of unknown tokens. ``trace`` receives an
+    :class:`IterationTrace` per iteration (it keeps every reverse step's states: memory grows with them).
     """
     settings = (settings or GenerationSettings()).resolve(model.config)
     num_iter, cfg, temperature = settings.num_iter, settings.guidance_scale, settings.temperature
@@ -164,15 +183,20 @@ def generate_latents(model: Harmon, input_ids: torch.Tensor, attention_mask: tor
         first = 0 if step == num_iter - 1 else mask_len
         positions = orders[:, first:masked].sort(dim=1).values  # (B, per_image)
         per_image = masked - first
-        z_pred = _take(z[:b], positions)  # (B * per_image, D_dec)
+        z_pred = take_rows(z[:b], positions)  # (B * per_image, D_dec)
         if guided:
-            z_pred = torch.cat([z_pred, _take(z[b:], positions)])
+            z_pred = torch.cat([z_pred, take_rows(z[b:], positions)])
         cfg_iter = cfg_at_step(cfg, settings.cfg_schedule, to_generate, mask_len)
         # the diffusion state stays float32 whatever the model's dtype
         x_T = rng.start_noise(b, per_image, c, guided).to(device=device, dtype=torch.float32)
+        reverse_steps = None
+        if trace is not None:
+            reverse_steps = []
+            trace.append(IterationTrace(step, tokens.clone(), mask.clone(), masked, positions, cfg_iter, steps[step],
+                                        reverse_steps))
         sampled = model.mar.diffloss.sample(
             z_pred, x_T, lambda: rng.step_noise(b, per_image, c, guided).to(device=device, dtype=torch.float32),
-            temperature=temperature, cfg=cfg_iter, num_steps=steps[step])
+            temperature=temperature, cfg=cfg_iter, num_steps=steps[step], trace=reverse_steps)
         tokens.scatter_(1, positions.unsqueeze(-1).expand(-1, -1, c), sampled.to(dtype).view(b, per_image, c))
         if callback is not None:
             to_pred = torch.zeros_like(mask, dtype=torch.bool).scatter_(1, positions, True)
@@ -202,6 +226,6 @@ def _keep_known(known: tuple[torch.Tensor, torch.Tensor], tokens: torch.Tensor, 
     return unknown[0]
 
 
-def _take(rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def take_rows(rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """rows (B, L, D), positions (B, n) -> (B * n, D): rows[i, positions[i]] for each image, image after image."""
     return rows.gather(1, positions.unsqueeze(-1).expand(-1, -1, rows.shape[-1])).flatten(0, 1)

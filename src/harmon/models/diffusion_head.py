@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..batch_invariance import MIN_ROWS, pad_rows
-from ..diffusion import GaussianDiffusion, sampling_spec
+from ..diffusion import GaussianDiffusion, ReverseStep, gaussian_log_prob, sampling_spec
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -151,14 +151,16 @@ class DiffLoss(nn.Module):
         return loss.mean()
 
     def sample(self, z: torch.Tensor, x_T: torch.Tensor, step_noise: Callable[[], torch.Tensor],
-               temperature: float = 1.0, cfg: float = 1.0, num_steps: str | int | None = None) -> torch.Tensor:
+               temperature: float = 1.0, cfg: float = 1.0, num_steps: str | int | None = None,
+               trace: list[ReverseStep] | None = None) -> torch.Tensor:
         """Sample tokens (N, C) for conditions z.
 
         With ``cfg != 1``, z is [cond; uncond] (2N rows) and x_T (N, C) is shared by
         both halves; only the conditional half is computed and returned (the
         original computes the unconditional half too and discards it).
         ``step_noise()`` returns (N, C) noise per reverse step. ``num_steps``
-        overrides the configured respacing (e.g. ``"50"``).
+        overrides the configured respacing (e.g. ``"50"``). ``trace`` receives the noisy reverse steps
+        (:meth:`GaussianDiffusion.p_sample_loop`).
         """
         diffusion = self.sampling_process(num_steps)
         if cfg == 1.0:
@@ -167,5 +169,21 @@ class DiffLoss(nn.Module):
         else:
             def model(x, t):
                 return self.net.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), z, cfg)[: len(x)]
-        return diffusion.p_sample_loop(model, x_T, step_noise, temperature)
+        return diffusion.p_sample_loop(model, x_T, step_noise, temperature, trace)
 
+    def step_log_prob(self, z: torch.Tensor, step: ReverseStep, temperature: float = 1.0, cfg: float = 1.0,
+                      num_steps: str | int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(x_prev | x_t) per row (N,) of a sampled reverse ``step`` under the current weights and
+        conditions ``z`` (as :meth:`sample` takes them: [cond; uncond] with guidance), differentiable in both,
+        and the step's mean (N, C)."""
+        diffusion = self.sampling_process(num_steps)
+        x_t = step.x_t
+        t = torch.full((x_t.shape[0],), step.t, dtype=torch.long, device=x_t.device)
+        original = diffusion.original_timesteps(t)
+        if cfg == 1.0:
+            output = self.net(x_t, original, z)
+        else:
+            output = self.net.forward_with_cfg(torch.cat([x_t, x_t]), torch.cat([original, original]), z, cfg)
+            output = output[: len(x_t)]
+        p = diffusion.p_mean_variance_from_output(output, x_t, t)
+        return gaussian_log_prob(step.x_prev, p["mean"], p["log_variance"], temperature), p["mean"]

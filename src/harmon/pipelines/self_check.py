@@ -21,6 +21,7 @@ from transformers import DynamicCache
 
 from ..models.harmon import Harmon, crop_cache
 from ..processing import IMAGE_TOKEN, chat_prompt, tensor_to_pil
+from ..rng import derive_seed
 from .image_to_text import ImageToTextPipeline
 
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray", "grey")
@@ -122,9 +123,7 @@ def prompt_questions(prompt: str) -> list[CheckQuestion]:
 def candidate_seeds(seed: int, count: int) -> list[int]:
     """The seeds of ``count`` candidates for an image of ``seed``: ``seed`` itself first (so one candidate is the
     image drawn without self-check), then seeds derived from (seed, k), each below 2**62."""
-    derived = [int(np.random.SeedSequence([seed % 2**64, k]).generate_state(1, np.uint64)[0] >> 2)
-               for k in range(1, count)]
-    return [int(seed)] + derived
+    return [int(seed)] + [derive_seed(seed, k) >> 1 for k in range(1, count)]
 
 
 class SelfChecker:

@@ -173,7 +173,8 @@ def analyze(image: Image.Image | np.ndarray, *, min_area_frac: float = 0.006, mi
 
 
 # -- checking prompts ----------------------------------------------------------------------------------
-def _matches(dets: Sequence[Detection], item: dict[str, Any]) -> list[Detection]:
+def matching(dets: Sequence[Detection], item: dict[str, Any]) -> list[Detection]:
+    """The detections of an include item's class (and colour, when it names one)."""
     return [d for d in dets if d.shape == item["class"] and ("color" not in item or d.color == item["color"])]
 
 
@@ -185,7 +186,7 @@ def check(prompt: dict[str, Any], dets: Sequence[Detection]) -> tuple[bool, str]
         item = include[0]
         if len(dets) != 1:
             return False, f"{len(dets)} objects, expected exactly 1"
-        if not _matches(dets, item):
+        if not matching(dets, item):
             return False, f"found {dets[0].color} {dets[0].shape}, expected {item.get('color', '')} {item['class']}"
         return True, "ok"
     if tag == "counting":
@@ -198,18 +199,18 @@ def check(prompt: dict[str, Any], dets: Sequence[Detection]) -> tuple[bool, str]
         return True, "ok"
     if tag in ("two_object", "colors", "color_attr"):
         for item in include:
-            if len(_matches(dets, item)) < item.get("count", 1):
+            if len(matching(dets, item)) < item.get("count", 1):
                 return False, f"no {item.get('color', '')} {item['class']}".replace("  ", " ")
         return True, "ok"
     if tag == "position":
         for item in include:
-            if not _matches(dets, item):
+            if not matching(dets, item):
                 return False, f"no {item.get('color', '')} {item['class']}".replace("  ", " ")
         for item in include:
             if "position" not in item:
                 continue
             relation, ref = item["position"]
-            movers, refs = _matches(dets, item), _matches(dets, include[ref])
+            movers, refs = matching(dets, item), matching(dets, include[ref])
             if not any(relation in world.relations(a, b) for a in movers for b in refs if a is not b):
                 return False, f"the {item.get('color', '')} {item['class']} is not {relation} the reference"
         return True, "ok"

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from ..errors import InputError
+from ..settings import GenerationSettings
 from ..validation import check_field_types, check_prompt, check_range
 
 PARTS = ("llm", "mar_encoder", "mar_decoder", "projections")
@@ -85,6 +86,44 @@ class LoraConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """Reward fine-tuning of generation (:mod:`harmon.train.grpo`): a run with this section draws images for
+    ``prompts`` and learns from ``reward`` instead of reading data.
+
+    ``prompts``: a JSON list or JSONL file of prompt strings or GenEval-style records (``{"prompt", ...}``,
+    passed whole to the reward); ``reward``: ``"module:Name"``, a :class:`~harmon.train.rewards.Reward`
+    class (or factory) called without arguments; ``generation``: the rollouts'
+    :class:`~harmon.settings.GenerationSettings` fields (default: the model's inference defaults).
+    """
+
+    prompts: str
+    reward: str
+    prompts_per_step: int = 4          # over all processes; each process draws whole groups
+    group_size: int = 8                # images per prompt, whose rewards are normalised together
+    reverse_steps: int = 4             # noisy reverse steps trained per MAR iteration, drawn at random
+    updates: int = 1                   # optimiser steps per rollout (the clip acts from the second on)
+    clip: float = 0.2
+    kl: float = 0.0                    # weight of the KL term to the starting model (kept frozen when > 0)
+    generation: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_field_types(self, "grpo")
+        for name in ("prompts_per_step", "reverse_steps", "updates"):
+            check_range(getattr(self, name), f"grpo.{name}", 1)
+        check_range(self.group_size, "grpo.group_size", 2)
+        check_range(self.clip, "grpo.clip", 0, 1, low_open=True, high_open=True)
+        check_range(self.kl, "grpo.kl", 0)
+        for name in ("prompts", "reward"):
+            check_prompt(getattr(self, name), f"grpo.{name}")
+        try:
+            settings = GenerationSettings(**self.generation)
+        except (TypeError, InputError) as err:
+            raise InputError(f"grpo.generation: {err}") from None
+        if settings.self_check != 1:
+            raise InputError("grpo.generation.self_check must be 1: the policy is the sampler itself")
+
+
+@dataclass
 class TrainConfig:
     model: str                                  # model to start from: folder (any layout) or hub id
     output_dir: str
@@ -109,14 +148,20 @@ class TrainConfig:
     log_every: int = 10
     tensorboard: bool = False
     progress: bool = True
+    grpo: GRPOConfig | None = None  # reward fine-tuning instead of the data's objectives
 
     def __post_init__(self):
         check_field_types(self, "")
         unknown = sorted(set(self.freeze) - set(PARTS))
         if unknown:
             raise InputError(f"freeze: unknown parts {unknown}; choose from {list(PARTS)}")
-        if not (self.data.finetune or self.data.jsonl or self.data.llava):
-            raise InputError("data: give at least one of finetune, jsonl, llava")
+        has_data = bool(self.data.finetune or self.data.jsonl or self.data.llava)
+        if self.grpo is None and not has_data:
+            raise InputError("data: give at least one of finetune, jsonl, llava (or a grpo section)")
+        if self.grpo is not None and has_data:
+            raise InputError("a grpo run learns from its rewards: leave data out")
+        if self.grpo is not None and self.parallel != "ddp":
+            raise InputError("a grpo run runs with parallel: ddp (reward fine-tuning is not sharded yet)")
         for name in ("latent_readout", "t2i_weight", "i2t_weight", "seed"):
             check_range(getattr(self, name), name, 0)
         for name in ("max_steps", "save_every", "log_every", "keep_checkpoints"):
@@ -153,8 +198,8 @@ def _build(cls, data: dict[str, Any], where: str):
         raise InputError(f"{where}: unknown keys {unknown}; allowed: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
-        nested = {"data": DataConfig, "optim": OptimConfig, "lora": LoraConfig}.get(name) if cls is TrainConfig \
-            else None
+        nested = {"data": DataConfig, "optim": OptimConfig, "lora": LoraConfig, "grpo": GRPOConfig}.get(name) \
+            if cls is TrainConfig else None
         kwargs[name] = _build(nested, value, f"{where}.{name}") if nested else value
     try:
         return cls(**kwargs)

@@ -17,7 +17,7 @@ from .distributed import World, all_reduce_sum
 from .loop import StepResult
 
 LOG = "log.jsonl"
-SHOWN = ("t2i", "i2t", "lr", "samples_per_s")  # beside the progress bar
+SHOWN = ("t2i", "i2t", "reward", "lr", "samples_per_s")  # beside the progress bar
 
 
 def step_record(step: int, done: StepResult, world: World, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -60,8 +60,12 @@ class RunLog:
 
     def record(self, step: int, done: StepResult, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The record of step ``step`` (see :func:`step_record`), written when it is a logged step."""
-        self.samples += done.samples
-        record = step_record(step, done, self.world, optimizer)
+        return self.log(step, step_record(step, done, self.world, optimizer), done.samples)
+
+    def log(self, step: int, record: dict[str, Any], samples: int) -> dict[str, Any]:
+        """Report step ``step``'s ``record`` (which this process computed on ``samples`` examples): written, with
+        the samples per second since the last written one, when it is a logged step."""
+        self.samples += samples
         if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.end:
             elapsed = time.perf_counter() - self.tick
             record["samples_per_s"] = all_reduce_sum(torch.tensor(float(self.samples)), self.world).item() / elapsed

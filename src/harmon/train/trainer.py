@@ -27,6 +27,7 @@ from .checkpoints import (check_resume_config, edit_checkpoint, export, export_c
 from .config import TrainConfig
 from .data import Batcher, read_finetune, read_jsonl, read_llava
 from .distributed import World, barrier, gather_lists, setup_world
+from .grpo import train_grpo
 from .loop import Learner, StepBatches, prefetched
 from .metrics import RunLog
 from .model import prepare_model
@@ -65,6 +66,8 @@ def _train(cfg: TrainConfig, world: World, stop_after: int | None) -> TrainResul
     model, tokenizer = load_pretrained(cfg.model, device=world.device)
     model = prepare_model(model, cfg)
     model.train()
+    if cfg.grpo is not None:
+        return _train_grpo(cfg, world, model, tokenizer, stop_after)
     batches = _step_batches(cfg, model, tokenizer, world)
     learner = Learner.build(model, cfg, world)
     start = load_checkpoint(out, learner.module, learner.optimizer, world)
@@ -88,6 +91,20 @@ def _train(cfg: TrainConfig, world: World, stop_after: int | None) -> TrainResul
             print(f"skipped {len(result.skipped_images)} unreadable images, e.g. {result.skipped_images[0]}")
         if final is not None:
             result.final_dir = export(final, tokenizer, out / "final")
+    barrier(world)
+    return result
+
+
+def _train_grpo(cfg: TrainConfig, world: World, model: Harmon, tokenizer, stop_after: int | None) -> TrainResult:
+    """A reward fine-tuning run (:mod:`~harmon.train.grpo`), with the supervised run's files and export."""
+    out = Path(cfg.output_dir)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    steps, history = train_grpo(cfg, world, model, tokenizer, out, stop_after)
+    result = TrainResult(steps=steps, history=history)
+    if world.main and steps == cfg.max_steps:
+        result.final_dir = export(model, tokenizer, out / "final")
     barrier(world)
     return result
 
