@@ -78,11 +78,13 @@ def test_sharded_checkpoints_resume_exactly_export_and_edit(dataset, tmp_path):
                                            ).history[0]["t2i"]
 
 
-def _torchrun(args: list[str], procs: int = 2) -> None:
+def _torchrun(args: list[str], procs: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun`` of ``args`` on ``procs`` local processes (gloo, one thread each), which must succeed."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 def _log(out: Path) -> list[dict]:
@@ -128,21 +130,22 @@ def test_two_fsdp_processes_match_one_and_resume_exactly(dataset, tmp_path):
 
 
 def test_two_fsdp_processes_in_bfloat16_go_on_past_unreadable_images(dataset, tmp_path):
-    """Each step one of the two processes finds its only caption image unreadable: it runs a stand-in that
-    weighs nothing, so both still run the same blocks (a sharded model needs that), and the run ends. The
-    bfloat16 setting gathers parameters in bfloat16 and keeps float32 weights."""
+    """Each step one of the two processes finds its only caption image unreadable, and one its only
+    conversation's: it runs a stand-in that weighs nothing, so both still run the same blocks (a sharded model
+    needs that), and the run ends. The bfloat16 setting gathers parameters in bfloat16 and keeps float32
+    weights."""
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps({"image": str(dataset / "images" / "0.png"), "caption": "a red square"}) + "\n" +
                       json.dumps({"image": "missing.png", "caption": "gone"}) + "\n")
+    conversations = json.loads((dataset / "i2t.json").read_text())[:2]
+    conversations[0]["image"], conversations[1]["image"] = str(dataset / "images" / "0.png"), "missing.png"
+    (tmp_path / "broken.json").write_text(json.dumps(conversations))
     path = tmp_path / "run.json"
     path.write_text(json.dumps(config(dataset, tmp_path / "run", max_steps=2, parallel="fsdp", precision="bfloat16",
-                                      data={"jsonl": [str(broken)], "t2i_batch_size": 2}).to_dict()))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "harmon.cli", "train", str(path)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "skipped 2 unreadable images" in done.stdout
+                                      data={"jsonl": [str(broken)], "llava": [str(tmp_path / "broken.json")],
+                                            "t2i_batch_size": 2}).to_dict()))
+    done = _torchrun(["-m", "harmon.cli", "train", str(path)])
+    assert "skipped 4 unreadable images" in done.stdout
     log = _log(tmp_path / "run")
     assert [r["step"] for r in log] == [1, 2] and all(r["t2i"] > 0 and r["i2t"] > 0 for r in log)
     final = load_model(tmp_path / "run" / "final")
