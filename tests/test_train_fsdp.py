@@ -40,7 +40,9 @@ def test_the_parallel_setting_is_checked_where_it_enters(dataset, tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text(f"model: {TINY_FIXTURE}\noutput_dir: {tmp_path / 'out'}\nparallel: fsdp\n"
                     f"data:\n  jsonl: [{dataset / 't2i.jsonl'}]\n")
-    assert TrainConfig.from_yaml(path).parallel == "fsdp"
+    cfg = TrainConfig.from_yaml(path)
+    assert cfg.parallel == "fsdp"
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # as resuming and exporting read it
     with pytest.raises(InputError, match=r"^parallel must be one of 'ddp', 'fsdp', got 'FSDP' \(str\)$"):
         config(dataset, tmp_path, parallel="FSDP")
     with pytest.raises(InputError, match=r"^parallel must be one of 'ddp', 'fsdp', got True \(bool\)$"):

@@ -200,7 +200,8 @@ def _build(cls, data: dict[str, Any], where: str):
     for name, value in data.items():
         nested = {"data": DataConfig, "optim": OptimConfig, "lora": LoraConfig, "grpo": GRPOConfig}.get(name) \
             if cls is TrainConfig else None
-        kwargs[name] = _build(nested, value, f"{where}.{name}") if nested else value
+        absent = value is None and fields[name].default is None  # an optional section left out (grpo: null)
+        kwargs[name] = _build(nested, value, f"{where}.{name}") if nested and not absent else value
     try:
         return cls(**kwargs)
     except TypeError as err:
