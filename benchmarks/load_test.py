@@ -10,6 +10,12 @@ percentiles of completed requests, and checks the server still answers afterward
 
     .venv/bin/python benchmarks/load_test.py --clients 8 --duration 30
 
+``--compare-batching`` measures the server's batching instead: image generations only, for each client count
+of ``--clients`` (e.g. ``1,4,16``), against a server started with ``--max-batch`` (batching on) and one started
+with ``--max-batch 1`` (off); it prints images/s and latency p50/p95 of each and the ratio on/off:
+
+    .venv/bin/python benchmarks/load_test.py --compare-batching --clients 1,4,16 --duration 60
+
 Exit status 0 only when no accepted request failed and the server answered afterwards.
 Only loopback addresses are allowed: this never sends load anywhere else.
 """
@@ -110,7 +116,7 @@ class Client:
             raise
 
     def one(self) -> None:
-        kind = self.random.choice(["image", "chat", "chat_stream"])
+        kind = "image" if self.args.images_only else self.random.choice(["image", "chat", "chat_stream"])
         if kind == "image":
             prompt = f"a {self.random.choice(COLORS)} {self.random.choice(SHAPES)}"
             path, body = "/v1/images/generations", {"prompt": prompt, "seed": self.random.randrange(2**31)}
@@ -187,13 +193,18 @@ def wait_healthy(host: str, port: int, timeout: float, process: subprocess.Popen
     return False
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
-    """`harmon serve` on a free loopback port (the default model when ``--model`` is absent)."""
+def start_server(args: argparse.Namespace, max_batch: int | None = None) -> tuple[subprocess.Popen, int]:
+    """`harmon serve` on a free loopback port (the default model when ``--model`` is absent), with ``max_batch``
+    (default: ``--max-batch``, else the server's own)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    queue_size = max([args.queue_size] + args.clients) if args.compare_batching else args.queue_size
     command = [sys.executable, "-m", "harmon.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--queue-size", str(args.queue_size), "--device", args.device, "--log-level", "warning"]
+               "--queue-size", str(queue_size), "--device", args.device, "--log-level", "warning"]
+    max_batch = args.max_batch if max_batch is None else max_batch
+    if max_batch is not None:
+        command += ["--max-batch", str(max_batch)]
     for option in ("model", "size", "num_iter", "num_steps", "image_size"):
         if getattr(args, option) is not None:
             command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
@@ -211,13 +222,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     where.add_argument("--url", help="a running server on loopback, e.g. http://127.0.0.1:8000")
     where.add_argument("--model", help="start `harmon serve --model MODEL` for the test (default: start it with "
                        "the shipped model)")
-    p.add_argument("--clients", type=int, default=8, help="concurrent clients")
+    p.add_argument("--clients", type=client_counts, default=[8],
+                   help="concurrent clients; a comma list (1,4,16) runs the load once per count")
+    p.add_argument("--images-only", action="store_true", help="send only image generations")
+    p.add_argument("--compare-batching", action="store_true",
+                   help="image generations only, each client count against a server started with --max-batch "
+                        "(batching on) and one with --max-batch 1 (off): images/s, latency p50/p95, the ratio")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds before a request counts as failed")
     p.add_argument("--max-tokens", type=int, default=16, help="max_tokens of chat requests")
     p.add_argument("--api-key", default=os.environ.get("HARMON_API_KEY"), help="API key of the server")
     g = p.add_argument_group("a server started here (without --url); None: the model's own settings")
-    g.add_argument("--queue-size", type=int, default=4)
+    g.add_argument("--queue-size", type=int, default=4, help="(with --compare-batching at least the most clients)")
+    g.add_argument("--max-batch", type=int, default=None, help="the server's --max-batch (default: its own)")
     g.add_argument("--size", type=int, default=None)
     g.add_argument("--num-iter", type=int, default=None)
     g.add_argument("--num-steps", type=int, default=None)
@@ -227,17 +244,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.url and urlparse(args.url).hostname not in LOOPBACK:
         p.error(f"only loopback servers may be load-tested, not {urlparse(args.url).hostname}")
+    if args.compare_batching and args.url:
+        p.error("--compare-batching starts its own servers: leave out --url")
+    args.images_only = args.images_only or args.compare_batching
     return args
 
 
-def load(host: str, port: int, args: argparse.Namespace) -> tuple[Tally, float, bool]:
-    """``args.clients`` clients for ``args.duration`` seconds: what they saw, the wall time, and whether the
-    server still answers a generation afterwards."""
+def client_counts(text: str) -> list[int]:
+    """``"1,4,16"`` -> [1, 4, 16] (each at least 1)."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give client counts as 8 or 1,4,16, not {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"client counts must be at least 1, got {text!r}")
+    return counts
+
+
+def load(host: str, port: int, args: argparse.Namespace, clients: int) -> tuple[Tally, float, bool]:
+    """``clients`` clients for ``args.duration`` seconds: what they saw, the wall time (until the last answer),
+    and whether the server still answers a generation afterwards."""
     tally = Tally()
     deadline = time.monotonic() + args.duration
     started = time.perf_counter()
     threads = [threading.Thread(target=Client(host, port, args.api_key, args, tally, k).run, args=(deadline,))
-               for k in range(args.clients)]
+               for k in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
@@ -249,41 +280,92 @@ def load(host: str, port: int, args: argparse.Namespace) -> tuple[Tally, float, 
     return tally, wall, healthy and check_answer("image", status, raw) is None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def report_of(tally: Tally, wall: float, answers_after: bool, clients: int) -> dict:
+    """One load's numbers: completed requests (by kind), errors, requests and images per second, latency
+    percentiles of the completed requests, whether the server answered afterwards."""
+    ms = [1000 * s for s in tally.latencies]
+    return {"clients": clients, "duration_s": round(wall, 2), "completed": sum(tally.completed.values()),
+            "completed_by_kind": tally.completed, "rejected_429": tally.rejected, "failed": tally.failed,
+            "throughput_rps": round(sum(tally.completed.values()) / wall, 2),
+            "images_per_s": round(tally.completed.get("image", 0) / wall, 3),
+            "latency_ms": {f"p{q}": None if percentile(ms, q) is None else round(percentile(ms, q), 1)
+                           for q in (50, 90, 95, 99)},
+            "answers_after": answers_after, "failures": tally.failures}
+
+
+def print_report(report: dict) -> None:
+    lat = report["latency_ms"]
+    print(f"{report['completed']} completed {report['completed_by_kind']} in {report['duration_s']} s "
+          f"({report['throughput_rps']} req/s, {report['images_per_s']} images/s) by {report['clients']} clients")
+    print(f"errors: {report['rejected_429']} rejected (429, queue full), {report['failed']} failed")
+    print(f"latency of completed: p50 {lat['p50']} ms, p90 {lat['p90']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms")
+    print(f"server answers afterwards: {'yes' if report['answers_after'] else 'NO'}")
+    for why in report["failures"]:
+        print(f"  failure: {why}")
+
+
+def serve_and_load(args: argparse.Namespace, max_batch: int | None = None) -> list[dict]:
+    """One report per client count of ``args.clients``, against ``--url`` or a server started here (with
+    ``max_batch``); one image is drawn first so that no load pays for what a first request sets up."""
     process = None
     if args.url:
         url = urlparse(args.url)
         host, port = url.hostname, url.port or 80
     else:
-        process, port = start_server(args)
+        process, port = start_server(args, max_batch)
         host = "127.0.0.1"
     try:
-        tally, wall, answers_after = load(host, port, args)
+        Client(host, port, args.api_key, args, Tally(), 0).request("/v1/images/generations",
+                                                                    {"prompt": "warm up", "seed": 0})
+        return [report_of(*load(host, port, args, clients), clients) for clients in args.clients]
     finally:
         if process is not None:
             process.terminate()
             process.wait(30)
 
-    ms = [1000 * s for s in tally.latencies]
-    report = {"clients": args.clients, "duration_s": round(wall, 2), "completed": sum(tally.completed.values()),
-              "completed_by_kind": tally.completed, "rejected_429": tally.rejected, "failed": tally.failed,
-              "throughput_rps": round(sum(tally.completed.values()) / wall, 2),
-              "latency_ms": {f"p{q}": None if percentile(ms, q) is None else round(percentile(ms, q), 1)
-                             for q in (50, 90, 99)},
-              "answers_after": answers_after, "failures": tally.failures}
+
+def comparison(on: list[dict], off: list[dict]) -> list[dict]:
+    """Per client count: images/s and latency p50/p95 with batching on and off, and the ratio of images/s."""
+    rows = []
+    for a, b in zip(on, off):
+        ratio = round(a["images_per_s"] / b["images_per_s"], 2) if b["images_per_s"] else None
+        rows.append({"clients": a["clients"], "images_per_s": {"on": a["images_per_s"], "off": b["images_per_s"]},
+                     "p50_ms": {"on": a["latency_ms"]["p50"], "off": b["latency_ms"]["p50"]},
+                     "p95_ms": {"on": a["latency_ms"]["p95"], "off": b["latency_ms"]["p95"]}, "ratio": ratio})
+    return rows
+
+
+def ok(report: dict) -> bool:
+    return report["failed"] == 0 and report["answers_after"] and report["completed"] > 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.compare_batching:
+        reports = serve_and_load(args)
+        if args.json:
+            print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+        else:
+            for report in reports:
+                print_report(report)
+        return 0 if all(ok(r) for r in reports) else 1
+    on, off = serve_and_load(args), serve_and_load(args, max_batch=1)
+    rows = comparison(on, off)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps({"comparison": rows, "on": on, "off": off}, indent=2))
     else:
-        lat = report["latency_ms"]
-        print(f"{report['completed']} completed {tally.completed} in {report['duration_s']} s "
-              f"({report['throughput_rps']} req/s) by {args.clients} clients")
-        print(f"errors: {tally.rejected} rejected (429, queue full), {tally.failed} failed")
-        print(f"latency of completed: p50 {lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms")
-        print(f"server answers afterwards: {'yes' if answers_after else 'NO'}")
-        for why in tally.failures:
-            print(f"  failure: {why}")
-    return 0 if tally.failed == 0 and answers_after and report["completed"] > 0 else 1
+        print(f"batching on (--max-batch {args.max_batch or 'default'}) vs off (--max-batch 1), image generations, "
+              f"{args.duration:g} s per run")
+        print(f"{'clients':>7} | {'images/s on':>11} {'off':>7} {'ratio':>6} | {'p50 ms on':>9} {'off':>8} | "
+              f"{'p95 ms on':>9} {'off':>8}")
+        for r in rows:
+            print(f"{r['clients']:>7} | {r['images_per_s']['on']:>11} {r['images_per_s']['off']:>7} "
+                  f"{r['ratio'] if r['ratio'] is not None else '-':>6} | {r['p50_ms']['on']!s:>9} "
+                  f"{r['p50_ms']['off']!s:>8} | {r['p95_ms']['on']!s:>9} {r['p95_ms']['off']!s:>8}")
+        for report in on + off:
+            for why in report["failures"]:
+                print(f"  failure: {why}")
+    return 0 if all(ok(r) for r in on + off) else 1
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from harmon.errors import InputError  # noqa: E402
 from harmon.server import Engine, ServerSettings, create_app  # noqa: E402
 from harmon.server.errors import ApiError  # noqa: E402
 from harmon.server.worker import Batchable, ModelWorker  # noqa: E402
-from test_server import TINY, Server, sse_data  # noqa: E402
+from test_server import REPO, TINY, Server, sse_data  # noqa: E402
 
 
 # -- the worker, with stand-in jobs -----------------------------------------------------------------
@@ -266,3 +266,18 @@ def test_a_failing_or_cancelled_request_leaves_its_batch_mates(server, engine, b
     loop.close()
     assert left.is_set() and batches == [["gone", "a red circle"]]
     assert _images(*stay[0]) == _images(*_post(server.port, {"prompt": "a red circle", "seed": 1, **long}))
+
+
+def test_load_test_compares_batching_on_and_off(tiny_model_dir):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks/load_test.py"), "--compare-batching",
+                             "--model", str(tiny_model_dir), "--size", "64", "--num-iter", "2", "--num-steps", "2",
+                             "--clients", "1,3", "--duration", "2", "--json"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert [row["clients"] for row in report["comparison"]] == [1, 3]
+    for row in report["comparison"]:
+        assert row["images_per_s"]["on"] > 0 and row["images_per_s"]["off"] > 0 and row["ratio"] > 0
+        assert row["p95_ms"]["on"] >= row["p50_ms"]["on"] > 0
+    assert all(r["failed"] == 0 and r["rejected_429"] == 0 and set(r["completed_by_kind"]) == {"image"}
+               for r in report["on"] + report["off"])
