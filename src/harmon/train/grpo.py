@@ -127,7 +127,7 @@ class GRPOPolicy(nn.Module):
         iteration's conditions recomputed from the tokens it started from, then one head pass per step."""
         b, seq_len, c = it.tokens.shape
         h, w = self.settings.grid(model.config.mar.vae_stride)
-        guided = it.cfg != 1.0 or self.settings.guidance_scale != 1.0
+        guided = self.settings.guidance_scale != 1.0  # the rows are [cond; uncond] as in the rollout
         pair = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
         tokens, mask = pair(it.tokens.view(b, h, w, c)), pair(it.mask)
         x_enc = model.forward_mae_encoder(tokens, mask, rollout.attention_mask, input_ids=rollout.input_ids,
