@@ -1,46 +1,27 @@
-"""Reward fine-tuning of the shipped shapes model with the world's evaluator as reward (resumable).
+"""The recipe's grpo stage alone, from the shipped model (resumable).
 
-Usage: OMP_NUM_THREADS=1 python scripts/probes/grpo_shapes.py OUT_DIR [MAX_STEPS]
+Usage: OMP_NUM_THREADS=1 python scripts/probes/grpo_shapes.py OUT_DIR [MAX_STEPS] [MODEL]
 
-Writes OUT_DIR/prompts.jsonl (2,000 GenEval-style records from the world's prompt sampler with a seed
-of its own, so they are not the evaluation's draws; the grammar is small, so single-object prompts
-recur) and runs ``harmon train`` on the config below; running it again resumes from the last
-checkpoint. The rollouts use fewer diffusion steps than inference (20 against 100) to be affordable
-on a CPU; the model is evaluated at its default settings afterwards (``harmon eval shapes --model
-OUT_DIR/final``). ``OUT_DIR/log.jsonl`` holds the reward per step and category.
+Runs :func:`harmon.shapes.recipe.reward_fine_tune` with the recipe's settings (``grpo.steps`` = MAX_STEPS,
+default the recipe's) from MODEL (default: the shipped model), writing ``OUT_DIR/prompts.jsonl``,
+``OUT_DIR/run`` (checkpoints, ``log.jsonl`` with the reward per step and category) and the exported model
+``OUT_DIR/run/final``; running it again resumes from the last checkpoint. Evaluate a midway checkpoint with
+``harmon export-checkpoint OUT_DIR/run --step N --out M`` then ``harmon eval shapes --model M``.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from harmon.hub import default_model_folder
-from harmon.shapes import world
-from harmon.train.config import TrainConfig
-from harmon.train.trainer import train
-
-PROMPT_SEED = 777
+from harmon.shapes.recipe import RecipeConfig, RewardStageConfig, reward_fine_tune
 
 
 def main() -> None:
     out = Path(sys.argv[1])
-    max_steps = int(sys.argv[2]) if len(sys.argv) > 2 else 200
-    out.mkdir(parents=True, exist_ok=True)
-    prompts = out / "prompts.jsonl"
-    if not prompts.exists():
-        records = world.make_prompts(2000, PROMPT_SEED)
-        prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
-    cfg = TrainConfig.from_dict({
-        "model": str(default_model_folder()), "output_dir": str(out / "run"), "max_steps": max_steps,
-        "save_every": 5, "log_every": 1, "progress": True, "gradient_checkpointing": False, "freeze": ["llm"],
-        "optim": {"lr": 1e-4, "warmup_ratio": 0.0, "min_lr_ratio": 1.0, "weight_decay": 0.0},
-        "grpo": {"prompts": str(prompts), "reward": "harmon.shapes.reward:ShapesReward", "prompts_per_step": 4,
-                 "group_size": 8, "reverse_steps": 4, "updates": 1, "clip": 0.2, "kl": 0.0,
-                 "generation": {"num_steps": 20}},
-    })
-    result = train(cfg)
-    print(f"reached step {result.steps}; model: {result.final_dir}")
+    cfg = RecipeConfig(grpo=RewardStageConfig(**({"steps": int(sys.argv[2])} if len(sys.argv) > 2 else {})))
+    model = Path(sys.argv[3]) if len(sys.argv) > 3 else default_model_folder()
+    print(f"model: {reward_fine_tune(model, out, cfg)}")
 
 
 if __name__ == "__main__":
