@@ -1,4 +1,5 @@
-"""Tiled VAE decoding: bounded memory for large images, as faithful as decoding whole."""
+"""The VAE: channels-last inside, and tiled decoding (bounded memory for large images, as faithful as decoding
+whole)."""
 import numpy as np
 import pytest
 import torch
@@ -59,6 +60,30 @@ def test_tiled_decoding_matches_whole_decoding(shapes_model):
     # the VAE (trained on 64 px) reconstructs the 128-px canvas, and as faithfully from tiles as whole
     whole_error, tiled_error = float((whole - image).abs().mean()), float((tiled - image).abs().mean())
     assert whole_error < 0.03 and tiled_error < whole_error * 1.1 + 1e-3, (whole_error, tiled_error)
+
+
+def test_the_vae_runs_channels_last_and_equals_channels_first_to_rounding(shapes_model):
+    """encode / decode convert to channels-last for oneDNN's convolutions and hand back contiguous tensors with
+    the values of the channels-first computation (the original's) up to float rounding."""
+    vae = shapes_model.vae
+    # random pixels: on the world's flat canvases the group norms divide by variances near 0, which magnifies
+    # the change of rounding (largest moment difference 1e-3 of values up to 24 on _big_scene(), 4e-5 here)
+    image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    seen = []
+    hook = vae.encoder.conv_in.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(
+        memory_format=torch.channels_last)))
+    try:
+        with torch.no_grad():
+            moments = vae.encode(image).moments
+            pixels = vae.decode(moments[:, : moments.shape[1] // 2])
+            first = vae.quant_conv(vae.encoder(image))  # channels-first throughout
+            first_pixels = vae.decoder(vae.post_quant_conv(first[:, : first.shape[1] // 2]))
+    finally:
+        hook.remove()
+    assert seen == [True, False]
+    assert moments.is_contiguous() and pixels.is_contiguous() and pixels.shape == image.shape
+    torch.testing.assert_close(moments, first, rtol=0, atol=1e-5 * float(first.abs().max()))
+    torch.testing.assert_close(pixels, first_pixels, rtol=0, atol=1e-4 * float(first_pixels.abs().max()))
 
 
 def test_a_grid_within_one_tile_is_decoded_exactly(shapes_model):
