@@ -131,10 +131,12 @@ def test_two_fsdp_processes_match_one_and_resume_exactly(dataset, tmp_path):
     assert max(float((ours[k] - reference[k]).abs().max()) for k in ours) < 1e-3
 
 
-def test_two_fsdp_processes_in_bfloat16_go_on_past_unreadable_images(dataset, tmp_path):
+@pytest.mark.parametrize("parallel,precision", [("fsdp", "bfloat16"), ("ddp", "float32")])
+def test_two_processes_go_on_past_unreadable_images(dataset, tmp_path, parallel, precision):
     """Each step one of the two processes finds its only caption image unreadable, and one its only
     conversation's: it runs a stand-in that weighs nothing, so both still run the same blocks (a sharded model
-    needs that), and the run ends. The bfloat16 setting gathers parameters in bfloat16 and keeps float32
+    needs that) and reduce the same losses for the log (without it the DDP processes' reductions stopped pairing
+    up), and the run ends. With FSDP, the bfloat16 setting gathers parameters in bfloat16 and keeps float32
     weights."""
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps({"image": str(dataset / "images" / "0.png"), "caption": "a red square"}) + "\n" +
@@ -143,7 +145,7 @@ def test_two_fsdp_processes_in_bfloat16_go_on_past_unreadable_images(dataset, tm
     conversations[0]["image"], conversations[1]["image"] = str(dataset / "images" / "0.png"), "missing.png"
     (tmp_path / "broken.json").write_text(json.dumps(conversations))
     path = tmp_path / "run.json"
-    path.write_text(json.dumps(config(dataset, tmp_path / "run", max_steps=2, parallel="fsdp", precision="bfloat16",
+    path.write_text(json.dumps(config(dataset, tmp_path / "run", max_steps=2, parallel=parallel, precision=precision,
                                       data={"jsonl": [str(broken)], "llava": [str(tmp_path / "broken.json")],
                                             "t2i_batch_size": 2}).to_dict()))
     done = _torchrun(["-m", "harmon.cli", "train", str(path)])

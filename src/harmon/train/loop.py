@@ -64,13 +64,14 @@ class StepBatches:
             pos = batch_positions(step, cfg.data.i2t_batch_size, world)
             idx = [example_index(p, len(self.conversations), cfg.seed, 1, self._permutations) for p in pos]
             i2t = self.batcher.image_to_text([self.conversations[i] for i in idx], pos)
-        if cfg.parallel == "fsdp" and world.size > 1:
+        if world.size > 1:
             t2i, i2t = self._stand_ins(t2i, i2t)
         return t2i, i2t
 
     def _stand_ins(self, t2i: dict | None, i2t: dict | None) -> tuple[dict | None, dict | None]:
-        """A sharded model needs every process to run the same blocks: a task whose examples in this process's
-        share were all unreadable gets a stand-in, a blank image that weighs nothing (``stand_in``)."""
+        """Every process must run the same blocks (a sharded model gathers each block's parameters from all)
+        and reduce the same losses (the step's log): a task whose examples in this process's share were all
+        unreadable gets a stand-in, a blank image that weighs nothing (``stand_in``)."""
         b = self.batcher
         blank = torch.zeros(1, 3, b.image_size, b.image_size)  # (1, 3, S, S): mid-grey
         if self.captions and t2i is None:
