@@ -16,7 +16,7 @@ from harmon.models.vae import AutoencoderKL
 from harmon.settings import DecodingSettings, GenerationSettings
 from harmon.shapes import world
 from harmon.shapes.datasets import scene_for_index
-from harmon.shapes.recipe import RecipeConfig, RewardStageConfig, run_recipe
+from harmon.shapes.recipe import RecipeConfig, run_recipe
 from harmon.tokenizer import train_small_tokenizer
 from harmon.train.vae import VAETrainConfig, latent_scale, train_vae, vae_loss
 
@@ -128,14 +128,12 @@ def test_recipe_at_toy_scale_runs_resumes_and_refuses_other_settings(tmp_path):
     cfg = RecipeConfig(n_images=12, vae=VAETrainConfig(steps=2, batch_size=4, log_every=1), steps=2,
                        t2i_batch_size=4, i2t_batch_size=2, save_every=1, compile=False, progress=False,
                        local_decoder_after=1, latent_readout=1.0,
-                       decoder=VAETrainConfig(steps=2, batch_size=4, log_every=1, bfloat16=False, decoder_only=True),
-                       grpo=RewardStageConfig(steps=1, prompts=3, prompts_per_step=1, group_size=2, rollout_steps=2))
+                       decoder=VAETrainConfig(steps=2, batch_size=4, log_every=1, bfloat16=False, decoder_only=True))
     model_dir = run_recipe(tmp_path / "run", cfg)
     log = [json.loads(line) for line in (tmp_path / "run" / "harmon" / "log.jsonl").read_text().splitlines()]
     assert all(r["t2i_readout"] > 0 for r in log)
     record = json.loads((tmp_path / "run" / "recipe.json").read_text())
-    assert set(record["seconds"]) == {"data", "tokenizer", "vae", "init", "local", "harmon", "decoder", "supervised",
-                                      "grpo", "total"}
+    assert set(record["seconds"]) == {"data", "tokenizer", "vae", "init", "local", "harmon", "decoder", "total"}
     vae_scale = json.loads((tmp_path / "run" / "vae" / "scale.json").read_text())["vae_scale"]
     model = load_model(model_dir)
     # made local after step 1 (positions cos/sin * 4 * LOCAL_TOKEN_SCALE), then one more step of AdamW at lr <= 1e-3
@@ -155,30 +153,16 @@ def test_recipe_at_toy_scale_runs_resumes_and_refuses_other_settings(tmp_path):
     from safetensors.torch import load_file
 
     weights = load_file(str(model_dir / "model.safetensors"))
-    supervised = load_file(str(tmp_path / "run" / "supervised" / "model.safetensors"))
     refined = load_file(str(tmp_path / "run" / "decoder" / "model.safetensors"))  # float32, as trained
     exported = load_file(str(tmp_path / "run" / "harmon" / "final" / "model.safetensors"))
-    rewarded = load_file(str(tmp_path / "run" / "grpo" / "run" / "final" / "model.safetensors"))
-    assert weights.keys() == supervised.keys() == refined.keys() == exported.keys() == rewarded.keys()
-    assert all(supervised[k].dtype == torch.float16 and torch.equal(supervised[k], refined[k].half()) for k in weights)
-    assert all(weights[k].dtype == torch.float16 and torch.equal(weights[k], rewarded[k].half()) for k in weights)
+    assert weights.keys() == refined.keys() == exported.keys()
+    assert all(weights[k].dtype == torch.float16 and torch.equal(weights[k], refined[k].half()) for k in weights)
     # the decoder stage trained the VAE's decoder and nothing else
     decoder = [k for k in weights if k.startswith(("vae.decoder.", "vae.post_quant_conv."))]
     assert decoder and any(not torch.equal(refined[k], exported[k]) for k in decoder)
     assert all(torch.equal(refined[k], exported[k]) for k in weights if k not in decoder)
     log = [json.loads(line) for line in (tmp_path / "run" / "decoder" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
-    # the grpo stage may train the MAR decoder and the diffusion head alone (from the float16 supervised weights;
-    # at this size both rewards of the group are likely equal, so nothing moves): every part that answers
-    # questions is the supervised model's
-    from harmon.train.model import part_parameters
-
-    learnt = {name for name, p in model.named_parameters()
-              if any(p is q for q in part_parameters(model, "mar_decoder"))}
-    assert learnt and all(k in weights for k in learnt)
-    assert all(torch.equal(rewarded[k], supervised[k].float()) for k in weights if k not in learnt)
-    log = [json.loads(line) for line in (tmp_path / "run" / "grpo" / "run" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1] and 0 <= log[0]["reward"] <= 1
     assert run_recipe(tmp_path / "run", cfg) == model_dir
     again = load_file(str(model_dir / "model.safetensors"))
     assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
@@ -187,8 +171,6 @@ def test_recipe_at_toy_scale_runs_resumes_and_refuses_other_settings(tmp_path):
         run_recipe(tmp_path / "run", RecipeConfig(n_images=13, progress=False))
     with pytest.raises(ValueError, match="local_decoder_after must be a multiple of save_every"):
         RecipeConfig(local_decoder_after=100)
-    with pytest.raises(ValueError, match="group_size >= 2"):
-        RewardStageConfig(group_size=1)
 
 
 def test_shapes_preset_is_consistent():

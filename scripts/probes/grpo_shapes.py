@@ -1,27 +1,52 @@
-"""The recipe's grpo stage alone, from the shipped model (resumable).
+"""Reward fine-tuning of the shipped shapes model with the world's evaluator as reward (resumable).
 
-Usage: OMP_NUM_THREADS=1 python scripts/probes/grpo_shapes.py OUT_DIR [MAX_STEPS] [MODEL]
+Usage: OMP_NUM_THREADS=1 python scripts/probes/grpo_shapes.py OUT_DIR [MAX_STEPS] [LR]
 
-Runs :func:`harmon.shapes.recipe.reward_fine_tune` with the recipe's settings (``grpo.steps`` = MAX_STEPS,
-default the recipe's) from MODEL (default: the shipped model), writing ``OUT_DIR/prompts.jsonl``,
-``OUT_DIR/run`` (checkpoints, ``log.jsonl`` with the reward per step and category) and the exported model
-``OUT_DIR/run/final``; running it again resumes from the last checkpoint. Evaluate a midway checkpoint with
-``harmon export-checkpoint OUT_DIR/run --step N --out M`` then ``harmon eval shapes --model M``.
+Writes OUT_DIR/prompts.jsonl (2,000 GenEval-style records from the world's prompt sampler with a seed of
+its own, so they are not the evaluation's draws; the grammar is small, so prompts recur) and runs
+``harmon train`` on the config below (``OUT_DIR/run``); running it again resumes from the last
+checkpoint. Only the MAR decoder and the diffusion head learn (LLM, MAR encoder and projections frozen),
+so the model's answers stay the shipped model's. The rollouts draw at 20 diffusion steps (inference: 100)
+to be affordable on a CPU. ``OUT_DIR/run/log.jsonl`` holds the reward per step and category
+(``grpo_curve.py`` draws it); evaluate a checkpoint with ``harmon export-checkpoint OUT_DIR/run --step N
+--out M`` and ``harmon eval shapes --no-understanding --model M``. Measured in docs/shapes.md ("Reward
+fine-tuning (GRPO)").
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 from harmon.hub import default_model_folder
-from harmon.shapes.recipe import RecipeConfig, RewardStageConfig, reward_fine_tune
+from harmon.rng import derive_seed
+from harmon.shapes import world
+from harmon.train.config import TrainConfig
+from harmon.train.trainer import train
+
+PROMPT_SEED = derive_seed(0, 105)
 
 
 def main() -> None:
     out = Path(sys.argv[1])
-    cfg = RecipeConfig(grpo=RewardStageConfig(**({"steps": int(sys.argv[2])} if len(sys.argv) > 2 else {})))
-    model = Path(sys.argv[3]) if len(sys.argv) > 3 else default_model_folder()
-    print(f"model: {reward_fine_tune(model, out, cfg)}")
+    max_steps = int(sys.argv[2]) if len(sys.argv) > 2 else 200
+    lr = float(sys.argv[3]) if len(sys.argv) > 3 else 1e-4
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = out / "prompts.jsonl"
+    if not prompts.exists():
+        records = world.make_prompts(2000, PROMPT_SEED)
+        prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = TrainConfig.from_dict({
+        "model": str(default_model_folder()), "output_dir": str(out / "run"), "max_steps": max_steps,
+        "save_every": 5, "log_every": 1, "progress": True, "gradient_checkpointing": False,
+        "freeze": ["llm", "mar_encoder", "projections"],
+        "optim": {"lr": lr, "warmup_ratio": 0.0, "min_lr_ratio": 1.0, "weight_decay": 0.0},
+        "grpo": {"prompts": str(prompts), "reward": "harmon.shapes.reward:ShapesReward", "prompts_per_step": 4,
+                 "group_size": 8, "reverse_steps": 4, "updates": 1, "clip": 0.2, "kl": 0.0,
+                 "generation": {"num_steps": 20}},
+    })
+    result = train(cfg)
+    print(f"reached step {result.steps}; model: {result.final_dir}")
 
 
 if __name__ == "__main__":

@@ -17,12 +17,8 @@ interrupted run continues where it stopped:
 6. ``decoder/``: the VAE's decoder, alone, trained further on the training images plus empty canvases
    (:func:`refine_decoder`): a decoder that never saw an empty canvas draws the latent of one as a
    washed-out noisy frame, which is what the model's images without an object looked like
-   (docs/shapes.md); the encoder, and so every latent the Harmon learnt, stays as it is.
-   ``supervised/`` holds ``harmon/final`` with this decoder, its weights stored in float16;
-7. ``grpo/``: reward fine-tuning of that model's generation (:mod:`harmon.train.grpo`) with the world's
-   evaluator as reward (:class:`~harmon.shapes.reward.ShapesReward`) on prompts of the world's own
-   sampler (:func:`reward_fine_tune`). Only the MAR decoder and the diffusion head learn, so every answer
-   the model gives is the supervised model's.
+   (docs/shapes.md); the encoder, and so every latent the Harmon learnt, stays as it is. The finished
+   model is ``harmon/final`` with this decoder.
 
 ``model/`` holds the finished model with its weights stored in float16 (the shipped form).
 ``recipe.json`` records the settings and the seconds each stage took. Everything is
@@ -53,38 +49,18 @@ from ..processing import GENERATION_PREFIX, UNCONDITIONAL_PROMPT, chat_prompt
 from ..rng import derive_seed
 from ..saving import save_model
 from ..tokenizer import save_tokenizer, train_small_tokenizer
-from ..train.config import DataConfig, GRPOConfig, OptimConfig, TrainConfig
+from ..train.config import DataConfig, OptimConfig, TrainConfig
 from ..train.trainer import edit_checkpoint, latest_step, train
 from ..train.vae import VAETrainConfig, latent_scale, train_vae
 from .datasets import write_datasets
-from .world import BACKGROUND, make_prompts
+from .world import BACKGROUND
 
-# derive_seed tags of the recipe's own generators
-VAE_STREAM, INIT_STREAM, LOCAL_STREAM, DECODER_STREAM, GRPO_STREAM = 101, 102, 103, 104, 105
+VAE_STREAM, INIT_STREAM, LOCAL_STREAM, DECODER_STREAM = 101, 102, 103, 104  # derive_seed tags of the recipe's
+# own generators
 IMAGES_PER_EMPTY_CANVAS = 16  # the decoder stage adds one empty canvas per this many training images
 # By step 500 the visible tokens enter the MAR decoder ~4x larger than in a fresh model (norm ~63
 # against ~16, measured), and the local positions are drawn at that size.
 LOCAL_TOKEN_SCALE = 4.0
-
-
-@dataclass
-class RewardStageConfig:
-    """The grpo stage (:func:`reward_fine_tune`): ``steps`` GRPO steps of ``prompts_per_step`` prompts x
-    ``group_size`` images, rollouts drawn at ``rollout_steps`` diffusion steps, a constant learning rate
-    ``lr``, prompts drawn from the first ``prompts`` of the world's sampler."""
-
-    steps: int = 200
-    lr: float = 1e-4
-    prompts: int = 2000
-    prompts_per_step: int = 4
-    group_size: int = 8
-    rollout_steps: int = 20
-
-    def __post_init__(self):
-        if min(self.steps, self.prompts, self.prompts_per_step, self.rollout_steps) < 1 or self.group_size < 2 \
-                or not 0 < self.lr < 1:
-            raise InputError(f"grpo: steps, prompts, prompts_per_step and rollout_steps must be >= 1, group_size "
-                             f">= 2 and lr in (0, 1), got {dataclasses.asdict(self)}")
 
 
 @dataclass
@@ -109,7 +85,6 @@ class RecipeConfig:
     decoder: VAETrainConfig = field(default_factory=lambda: VAETrainConfig(
         steps=300, batch_size=32, lr=5e-4, warmup_steps=20, log_every=50, bfloat16=False, decoder_only=True))
     save_every: int = 250
-    grpo: RewardStageConfig = field(default_factory=lambda: RewardStageConfig())
     progress: bool = True
 
     def __post_init__(self):
@@ -203,58 +178,16 @@ def run_recipe(out_dir: str | Path, cfg: RecipeConfig) -> Path:
     times["harmon"] = round(times.get("harmon", 0.0) + time.perf_counter() - tick, 1)
     save_record()
     model_dir = out / "model"
-    if result.final_dir is None:  # stopped early (tests)
-        return model_dir
-    _stage(out, "decoder", times, lambda: refine_decoder(result.final_dir, data, out / "decoder", cfg))
-    _stage(out, "supervised", times, lambda: save_float16(out / "decoder", out / "supervised"))
-    save_record()
-    tick = time.perf_counter()
-    grpo_dir = reward_fine_tune(out / "supervised", out / "grpo", cfg)
-    times["grpo"] = round(times.get("grpo", 0.0) + time.perf_counter() - tick, 1)
-    times["total"] = round(sum(v for k, v in times.items() if k != "total"), 1)
-    save_record()
-    save_float16(grpo_dir, model_dir)
+    if result.final_dir is not None:
+        _stage(out, "decoder", times, lambda: refine_decoder(result.final_dir, data, out / "decoder", cfg))
+        times["total"] = round(sum(v for k, v in times.items() if k != "total"), 1)
+        save_record()
+        shutil.rmtree(model_dir, ignore_errors=True)
+        # the tokenizer as exported; the weights in the shipped form: float16, half the size, the same
+        # evaluation scores (docs/shapes.md)
+        shutil.copytree(result.final_dir, model_dir, ignore=shutil.ignore_patterns(WEIGHTS_NAME, CONFIG_NAME))
+        save_model(load_model(out / "decoder", dtype=torch.float16), model_dir)
     return model_dir
-
-
-def copy_beside_weights(source: Path, target: Path) -> None:
-    """Copy what a model folder holds besides its weights and config (the tokenizer) from ``source`` to ``target``."""
-    shutil.copytree(source, target, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns(WEIGHTS_NAME, CONFIG_NAME, "log.jsonl", ".done"))
-
-
-def save_float16(source: Path, target: Path) -> None:
-    """The model of ``source`` written to ``target`` in the shipped form: weights in float16 (half the size, the
-    same evaluation scores: docs/shapes.md), the tokenizer as it is."""
-    shutil.rmtree(target, ignore_errors=True)
-    copy_beside_weights(source, target)
-    save_model(load_model(source, dtype=torch.float16), target)
-
-
-def reward_fine_tune(model_dir: Path, out_dir: Path, cfg: RecipeConfig) -> Path:
-    """The grpo stage: ``cfg.grpo.steps`` GRPO steps (:mod:`harmon.train.grpo`) from the model of ``model_dir``
-    with :class:`~harmon.shapes.reward.ShapesReward` on ``cfg.grpo.prompts`` prompts of the world's sampler
-    (``out_dir/prompts.jsonl``, drawn from the seed: not the evaluation's draws, though the world's small
-    grammar repeats prompts). The run (``out_dir/run``, ``log.jsonl`` with the reward per step and category)
-    resumes when called again. Only the MAR decoder and diffusion head learn; the rollouts draw at
-    ``cfg.grpo.rollout_steps`` diffusion steps (inference: 100). Returns the exported model folder."""
-    stage = cfg.grpo
-    out_dir.mkdir(parents=True, exist_ok=True)
-    prompts = out_dir / "prompts.jsonl"
-    if not prompts.is_file():
-        records = make_prompts(stage.prompts, derive_seed(cfg.seed, GRPO_STREAM))
-        write_atomically(prompts, "".join(json.dumps(r) + "\n" for r in records))
-    result = train(TrainConfig(
-        model=str(model_dir), output_dir=str(out_dir / "run"), max_steps=stage.steps, seed=cfg.seed,
-        freeze=["llm", "mar_encoder", "projections"], gradient_checkpointing=False, device="cpu",
-        optim=OptimConfig(lr=stage.lr, warmup_ratio=0.0, min_lr_ratio=1.0, weight_decay=0.0),
-        grpo=GRPOConfig(prompts=str(prompts), reward="harmon.shapes.reward:ShapesReward",
-                        prompts_per_step=stage.prompts_per_step, group_size=stage.group_size, reverse_steps=4,
-                        updates=1, clip=0.2, kl=0.0, generation={"num_steps": stage.rollout_steps}),
-        save_every=5, log_every=1, progress=cfg.progress))
-    if result.final_dir is None:
-        raise InputError(f"the grpo stage in {out_dir} stopped at step {result.steps} of {stage.steps}")
-    return result.final_dir
 
 
 def refine_decoder(model_dir: Path, data: Path, out_dir: Path, cfg: RecipeConfig) -> None:
@@ -272,7 +205,6 @@ def refine_decoder(model_dir: Path, data: Path, out_dir: Path, cfg: RecipeConfig
     with open(out_dir / "log.jsonl", "w") as log:
         train_vae(model.vae, torch.cat([images, empty]), cfg.decoder, generator, progress=cfg.progress,
                   log=lambda r: (log.write(json.dumps(r) + "\n"), log.flush()))
-    copy_beside_weights(model_dir, out_dir)
     save_model(model, out_dir)
 
 
