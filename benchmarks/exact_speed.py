@@ -1,6 +1,6 @@
 """Harmon-0.5B at the settings of the side-by-side measurement against the original (issue 27), split by part.
 
-    python benchmarks/exact_speed.py [--dtype float32|bfloat16] [--out FILE.json]
+    python benchmarks/exact_speed.py [--dtype float32|bfloat16] [--device cpu|cuda] [--compile] [--out FILE.json]
 
 Random weights with the real architecture (speed does not depend on the values). Text-to-image: one 256-px
 image, 4 MAR iterations x 100 diffusion steps, guidance 3.0; image-to-text: one 512-px image, 20 greedy
@@ -12,7 +12,9 @@ are the side-by-side figures of docs/performance.md (another machine): compare r
 
 Also measured: the VAE in channels-last memory format (what ``AutoencoderKL`` runs now) against
 channels-first (what it ran before, and the original), in the same process, alternating, with the largest
-difference of their outputs.
+difference of their outputs. On a GPU (``--device cuda``) every clock reading waits for the device's queued
+work, ``--compile`` compiles the diffusion head and MAR blocks first (``Harmon.compile_for_sampling``), and
+the side-by-side lines (a CPU's) do not apply.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ BASELINE = {"t2i": {"original_s": 45.4, "ours_then_s": 38.8}, "i2t": {"original_
 
 
 def text_to_image(model, timers: Timers) -> dict:
-    """The per-part split of one guided image at :data:`T2I` (after a short warm-up)."""
+    """The per-part split of one guided image at :data:`T2I` (after a warm-up at the same settings, which also
+    compiles what ``--compile`` asked for)."""
     import torch
 
     from generation import prompt_batch
@@ -41,16 +44,19 @@ def text_to_image(model, timers: Timers) -> dict:
     from harmon.sampling import generate_latents
     from harmon.settings import GenerationSettings
 
-    ids, mask = prompt_batch(model.config.llm["vocab_size"])
+    ids, mask = (t.to(model.device) for t in prompt_batch(model.config.llm["vocab_size"]))
     settings = GenerationSettings(guidance_scale=T2I["cfg"], num_iter=T2I["num_iter"], num_steps=T2I["num_steps"],
                                   height=T2I["image_px"])
     with torch.no_grad():
         timers.enabled = False
-        generate_latents(model, ids, mask, SeededRNG.from_seeds([0]), settings.replace(num_iter=1, num_steps="2"))
+        warm_up = settings if model.device.type != "cpu" else settings.replace(num_iter=1, num_steps="2")
+        generate_latents(model, ids, mask, SeededRNG.from_seeds([0]), warm_up)
         timers.enabled = True
         timers.reset()
+        timers.sync()
         t0 = time.perf_counter()
         model.decode(generate_latents(model, ids, mask, SeededRNG.from_seeds([0]), settings))
+        timers.sync()
         total = time.perf_counter() - t0
     parts = {k: v for k, v in timers.data.items() if not k.startswith("_")}
     return {"total_s": total, "parts": parts}
@@ -68,23 +74,24 @@ def image_to_text(model, timers: Timers) -> dict:
     n_visual = (px // config.mar.vae_stride) ** 2 + config.mar.buffer_size
     vocab = config.llm["vocab_size"]
     g = torch.Generator().manual_seed(2)
-    pixels = (torch.rand(1, 3, px, px, generator=g) * 2 - 1).to(model.dtype)
+    pixels = (torch.rand(1, 3, px, px, generator=g) * 2 - 1).to(model.device, model.dtype)
     text = torch.randint(0, 1000, (1, 20), generator=g)
-    ids = torch.cat([text[:, :8], torch.full((1, n_visual), vocab - 1), text[:, 8:]], dim=1)  # (1, T)
+    ids = torch.cat([text[:, :8], torch.full((1, n_visual), vocab - 1), text[:, 8:]], dim=1).to(model.device)
+    clock = lambda: (timers.sync(), time.perf_counter())[1]  # noqa: E731
     with torch.no_grad():
         timers.enabled = False
         model.encode(pixels[:, :, :64, :64])
         timers.enabled = True
         timers.reset()
-        t0 = time.perf_counter()
+        t0 = clock()
         latents = model.encode(pixels)
         embeds = model.multimodal_embeds(ids, model.extract_visual_feature(latents)[1], vocab - 1)
         tokens = decode_tokens(model, embeds, set(), DecodingSettings(max_new_tokens=I2T["tokens"]))
-        t1 = time.perf_counter()
+        t1 = clock()
         next(tokens)
-        t2 = time.perf_counter()
+        t2 = clock()
         further = sum(1 for _ in tokens)
-        t3 = time.perf_counter()
+        t3 = clock()
     parts = {k: v for k, v in timers.data.items() if k in ("vae_encoder", "mar_encoder", "projections")}
     h, prompt = config.llm["hidden_size"], ids.shape[1]
     parts["llm_prefill"] = {"seconds": t2 - t1, "calls": 1,
@@ -94,17 +101,19 @@ def image_to_text(model, timers: Timers) -> dict:
     return {"total_s": t3 - t0, "parts": parts}
 
 
-def vae_layouts(model) -> dict:
+def vae_layouts(model, sync) -> dict:
     """Channels-first against channels-last: best of 2 alternating runs of the 512-px encoder and 256-px decoder."""
     import torch
 
     vae = model.vae
     g = torch.Generator().manual_seed(3)
-    pixels = (torch.rand(1, 3, 512, 512, generator=g) * 2 - 1).to(model.dtype)
-    latents = torch.randn(1, vae.post_quant_conv.in_channels, 16, 16, generator=g).to(model.dtype)
+    pixels = (torch.rand(1, 3, 512, 512, generator=g) * 2 - 1).to(model.device, model.dtype)
+    latents = torch.randn(1, vae.post_quant_conv.in_channels, 16, 16, generator=g).to(model.device, model.dtype)
     jobs = {
-        "encoder_512px": (lambda: vae.quant_conv(vae.encoder(pixels)), lambda: vae.encode(pixels).moments),
-        "decoder_256px": (lambda: vae.decoder(vae.post_quant_conv(latents)), lambda: vae.decode(latents)),
+        "encoder_512px": (lambda: (vae.quant_conv(vae.encoder(pixels)), sync())[0],
+                          lambda: (vae.encode(pixels).moments, sync())[0]),
+        "decoder_256px": (lambda: (vae.decoder(vae.post_quant_conv(latents)), sync())[0],
+                          lambda: (vae.decode(latents), sync())[0]),
     }
     out = {}
     with torch.no_grad():
@@ -123,8 +132,9 @@ def vae_layouts(model) -> dict:
 def report(result: dict) -> None:
     peak = result["matmul_peak_gflops"]
     machine = result["machine"]
-    print(f"{machine['cpu']} ({', '.join(machine['isa'])}), {machine['torch_threads']} threads, {result['dtype']}; "
-          f"matmul peak {peak:.0f} GFLOP/s")
+    device = machine.get("gpu", result["device"])
+    print(f"{machine['cpu']} ({', '.join(machine['isa'])}), {machine['torch_threads']} threads; {device}, "
+          f"{result['dtype']}{', compiled' if result['compile'] else ''}; matmul peak {peak:.0f} GFLOP/s")
     for job, title in (("t2i", "text-to-image, 256 px, 4 iterations x 100 steps, cfg 3"),
                        ("i2t", "image-to-text, 512 px, 20 tokens")):
         r = result[job]
@@ -135,11 +145,12 @@ def report(result: dict) -> None:
             print(f"  {name:<16}{p['seconds']:9.2f}{100 * p['seconds'] / r['total_s']:7.0f}%{gf:9.0f}"
                   f"{gf / p['seconds']:9.0f}{100 * gf / p['seconds'] / peak:8.0f}%")
         b, there = BASELINE[job], BASELINE["peak_gflops"][result["dtype"]]
-        print(f"  all parts: {r['gflop']:.0f} GFLOP; at this CPU's matmul peak {r['floor_s']:.1f} s "
+        print(f"  all parts: {r['gflop']:.0f} GFLOP; at this device's matmul peak {r['floor_s']:.1f} s "
               f"({100 * r['floor_s'] / r['total_s']:.0f}% of the measured time)")
-        print(f"  side-by-side machine: original {b['original_s']} s, ours then {b['ours_then_s']} s (float32); the "
-              f"same GFLOP at its {there:.0f} GFLOP/s peak take {r['gflop'] / there:.1f} s, so no exact mode "
-              f"beats the original by more than {b['original_s'] * there / r['gflop']:.2f}x there")
+        if result["device"] == "cpu":
+                print(f"  side-by-side machine: original {b['original_s']} s, ours then {b['ours_then_s']} s (float32); "
+                  f"the same GFLOP at its {there:.0f} GFLOP/s peak take {r['gflop'] / there:.1f} s, so no exact "
+                  f"mode beats the original by more than {b['original_s'] * there / r['gflop']:.2f}x there")
     print("\nVAE, channels-first -> channels-last (same process, best of 2 alternating):")
     for name, v in result["vae_layouts"].items():
         print(f"  {name}: {v['channels_first_s']:.2f} s -> {v['channels_last_s']:.2f} s ({v['speedup']:.2f}x); "
@@ -149,6 +160,8 @@ def report(result: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the diffusion head and MAR blocks first")
     p.add_argument("--out", metavar="FILE.json", help="also write the results here")
     args = p.parse_args(argv)
     import torch
@@ -156,14 +169,19 @@ def main(argv=None) -> int:
     from harmon.config import harmon_0_5b
 
     dtype = getattr(torch, args.dtype)
-    peak = measure_matmul_peak()[args.dtype]
-    model = build_model(harmon_0_5b(), dtype).eval()
-    timers = Timers()
+    sync = torch.cuda.synchronize if args.device == "cuda" else None
+    peak = measure_matmul_peak(device=args.device)[args.dtype]
+    model = build_model(harmon_0_5b(), dtype, device=args.device).eval()
+    if args.compile:
+        model.compile_for_sampling()
+    timers = Timers(sync)
     install_timers(model, timers)
-    result = {"machine": machine_info(), "dtype": args.dtype, "matmul_peak_gflops": peak,
-              "t2i": text_to_image(model, timers), "i2t": image_to_text(model, timers)}
+    result = {"machine": machine_info(), "device": args.device, "dtype": args.dtype, "compile": args.compile,
+              "matmul_peak_gflops": peak, "t2i": text_to_image(model, timers), "i2t": image_to_text(model, timers)}
+    if args.device == "cuda":
+        result["machine"]["gpu"] = torch.cuda.get_device_name()
     timers.enabled = False
-    result["vae_layouts"] = vae_layouts(model)
+    result["vae_layouts"] = vae_layouts(model, timers.sync)
     for job in ("t2i", "i2t"):
         r = result[job]
         r["gflop"] = sum(p["flops"] for p in r["parts"].values()) / 1e9

@@ -29,26 +29,28 @@ def rss_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_matmul_peak(reps: int = 10, budget_s: float = 2.0) -> dict[str, float]:
-    """Best GFLOP/s of an n x n @ n x n matmul, float32 and bfloat16: n = 2048, or 512 for a dtype this CPU
-    computes so slowly (no bf16 matrix units: ~0.3 GFLOP/s) that a 2048 product would take over ``budget_s``;
-    the best of ``reps`` calls or of those that fit in ``budget_s`` (at least one)."""
+def measure_matmul_peak(reps: int = 10, budget_s: float = 2.0, device: str = "cpu") -> dict[str, float]:
+    """Best GFLOP/s of an n x n @ n x n matmul on ``device``, float32 and bfloat16: n = 2048, or 512 for a dtype
+    this CPU computes so slowly (no bf16 matrix units: ~0.3 GFLOP/s) that a 2048 product would take over
+    ``budget_s``; the best of ``reps`` calls or of those that fit in ``budget_s`` (at least one)."""
     import torch
 
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     g = torch.Generator().manual_seed(0)
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         n = 512
-        a = torch.randn(n, n, generator=g).to(dtype)
-        b = torch.randn(n, n, generator=g).to(dtype)
-        a @ b
-        if best_time(lambda: a @ b, 1) * 64 < budget_s:  # a 2048 product does 64x the work
+        a = torch.randn(n, n, generator=g).to(device, dtype)
+        b = torch.randn(n, n, generator=g).to(device, dtype)
+        product = lambda: (a @ b, sync())  # noqa: E731 (a and b are rebound below)
+        product()
+        if best_time(product, 1) * 64 < budget_s:  # a 2048 product does 64x the work
             n = 2048
-            a = torch.randn(n, n, generator=g).to(dtype)
-            b = torch.randn(n, n, generator=g).to(dtype)
+            a = torch.randn(n, n, generator=g).to(device, dtype)
+            b = torch.randn(n, n, generator=g).to(device, dtype)
             for _ in range(3):
-                a @ b
-        out[str(dtype).removeprefix("torch.")] = 2 * n**3 / best_time(lambda: a @ b, reps, budget_s) / 1e9
+                product()
+        out[str(dtype).removeprefix("torch.")] = 2 * n**3 / best_time(product, reps, budget_s) / 1e9
     return out
 
 
@@ -96,11 +98,11 @@ def random_state(config, dtype, seed: int = 0) -> dict:
             if not (tied and k == TIED_KEY)}
 
 
-def build_model(config, dtype, seed: int = 0):
-    """A model of ``config`` with random weights (:func:`random_state`) in ``dtype``, on the CPU."""
+def build_model(config, dtype, seed: int = 0, device: str = "cpu"):
+    """A model of ``config`` with random weights (:func:`random_state`) in ``dtype``, on ``device``."""
     from harmon.checkpoint import load_state_dict
 
-    return load_state_dict(config, random_state(config, dtype, seed), device="cpu", dtype=dtype)
+    return load_state_dict(config, random_state(config, dtype, seed), device=device, dtype=dtype)
 
 
 def weights_bytes(model) -> int:

@@ -8,9 +8,11 @@ from harness import linear_weights
 
 
 class Timers:
-    """Accumulates seconds, calls and FLOPs per component name."""
+    """Accumulates seconds, calls and FLOPs per component name. ``sync`` (e.g. ``torch.cuda.synchronize``) is
+    called before every clock reading, so that a device's queued work is counted where it was issued."""
 
-    def __init__(self):
+    def __init__(self, sync=None):
+        self.sync = sync or (lambda: None)
         self.data: dict[str, dict[str, float]] = {}
         self.enabled = True
         self._hooks = []
@@ -35,9 +37,11 @@ class Timers:
         stack = []
 
         def pre(mod, args, kwargs):
+            self.sync()
             stack.append(time.perf_counter())
 
         def post(mod, args, kwargs, output):
+            self.sync()
             dt = time.perf_counter() - stack.pop()
             if self.enabled:
                 self.add(name_fn(args, kwargs), dt, flops_fn(args, kwargs, output))
@@ -50,8 +54,10 @@ class Timers:
         inner = getattr(obj, attr)
 
         def timed(*args, **kwargs):
+            self.sync()
             t0 = time.perf_counter()
             out = inner(*args, **kwargs)
+            self.sync()
             if self.enabled:
                 self.add(name, time.perf_counter() - t0, flops_fn(args, kwargs, out))
             return out
