@@ -38,7 +38,8 @@ def draw(rewards: list[float], window: int, scores: dict[int, float], out: Path)
     for value in (0.25, 0.5, 0.75, 1.0):
         pen.line([xy(0, value), xy(last, value)], fill=(225, 225, 225))
         pen.text((4, xy(0, value)[1] - 6), f"{value:.2f}", fill="black")
-    for step in range(0, last + 1, max(1, last // 4)):
+    every = next(n for n in (5, 10, 25, 50, 100, 250, 500, 1000, last) if last // n <= 8)
+    for step in range(0, last + 1, every):
         pen.text((xy(step, 0)[0] - 8, HEIGHT - MARGIN + 6), str(step), fill="black")
     pen.line([xy(i + 1, r) for i, r in enumerate(rewards)], fill=(190, 190, 190))
     pen.line([xy(i + 1, r) for i, r in enumerate(running_mean(rewards, window))], fill="black", width=2)
