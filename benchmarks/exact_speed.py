@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import time
+from pathlib import Path
 
 from harness import best_time, build_model, machine_info, measure_matmul_peak
 from timers import Timers, install_timers, llm_flops
@@ -164,10 +165,14 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the diffusion head and MAR blocks first")
     p.add_argument("--out", metavar="FILE.json", help="also write the results here")
     args = p.parse_args(argv)
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        p.error(f"--out: no folder {Path(args.out).resolve().parent} to write {args.out} in")
     import torch
 
     from harmon.config import harmon_0_5b
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this torch sees no CUDA device")
     dtype = getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if args.device == "cuda" else None
     peak = measure_matmul_peak(device=args.device)[args.dtype]

@@ -10,8 +10,8 @@ where the reward gives partial credit, so they sit lower.
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -51,11 +51,33 @@ def draw(rewards: list[float], window: int, scores: dict[int, float], out: Path)
     image.save(out)
 
 
+def score_point(text: str) -> tuple[int, float]:
+    """``"100:0.15"`` -> (100, 0.15): a step >= 0 and a score in [0, 1]."""
+    try:
+        step, score = text.split(":")
+        point = int(step), float(score)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give STEP:SCORE such as 100:0.15, not {text!r}") from None
+    if point[0] < 0 or not 0 <= point[1] <= 1:
+        raise argparse.ArgumentTypeError(f"a step >= 0 and a score in [0, 1], got {text!r}")
+    return point
+
+
 def main() -> None:
-    run, out = Path(sys.argv[1]), Path(sys.argv[2])
-    window = int(sys.argv[3]) if len(sys.argv) > 3 else 25
-    scores = {int(s): float(v) for s, v in (a.split(":") for a in sys.argv[4:])}
+    p = argparse.ArgumentParser(description="The reward curve of a GRPO run (PNG and table).")
+    p.add_argument("run", type=Path, help="the run's output_dir (holding log.jsonl)")
+    p.add_argument("out", type=Path, help="the PNG to write")
+    p.add_argument("window", type=int, nargs="?", default=25, help="steps per running mean and table row")
+    p.add_argument("scores", type=score_point, nargs="*", metavar="STEP:SCORE", help="evaluation scores to mark")
+    args = p.parse_args()
+    if args.window < 1:
+        p.error(f"the window must be at least 1 step, got {args.window}")
+    if not (args.run / "log.jsonl").is_file():
+        p.error(f"no log.jsonl in {args.run}")
+    run, out, window, scores = args.run, args.out, args.window, dict(args.scores)
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    if not records or any("reward" not in r for r in records):
+        p.error(f"{run / 'log.jsonl'} is not the log of a GRPO run with at least one step (no reward)")
     rewards = [r["reward"] for r in records]
     draw(rewards, window, scores, out)
     categories = sorted({k.removeprefix("reward/") for r in records for k in r if k.startswith("reward/")})

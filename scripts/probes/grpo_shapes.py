@@ -14,8 +14,8 @@ fine-tuning (GRPO)").
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from harmon.hub import default_model_folder
@@ -28,9 +28,12 @@ PROMPT_SEED = derive_seed(0, 105)
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
-    max_steps = int(sys.argv[2]) if len(sys.argv) > 2 else 200
-    lr = float(sys.argv[3]) if len(sys.argv) > 3 else 1e-4
+    p = argparse.ArgumentParser(description="Reward fine-tuning of the shipped shapes model (resumable).")
+    p.add_argument("out", type=Path)
+    p.add_argument("max_steps", type=int, nargs="?", default=200)
+    p.add_argument("lr", type=float, nargs="?", default=1e-4, help="constant learning rate (checked by TrainConfig)")
+    args = p.parse_args()
+    out, max_steps, lr = args.out, args.max_steps, args.lr
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / "prompts.jsonl"
     if not prompts.exists():
