@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -83,6 +84,8 @@ def test_group_advantages_normalise_within_each_group():
     ({"group_size": 1}, "grpo.group_size"),
     ({"clip": 0}, "grpo.clip"),
     ({"kl": -1}, "grpo.kl"),
+    ({"noisiest": 0}, "grpo.noisiest"),
+    ({"noisiest": 1.5}, "grpo.noisiest"),
     ({"generation": {"guidance": 2}}, "grpo.generation"),
     ({"generation": {"num_iter": 0}}, "grpo.generation"),
     ({"generation": {"self_check": 4}}, "self_check must be 1"),
@@ -91,6 +94,17 @@ def test_group_advantages_normalise_within_each_group():
 def test_grpo_config_is_checked(tmp_path, grpo, words):
     with pytest.raises(InputError, match=words):
         grpo_config("m", tmp_path, tmp_path / "p.json", "a:b", grpo=grpo)
+
+
+def test_trained_steps_come_from_the_noisiest_share_of_each_chain():
+    """Of 19 reverse steps (t = 19 .. 1), ``noisiest=0.5`` draws only among the first 10; 1.0 among all."""
+    trace = [SimpleNamespace(steps=[None] * 19) for _ in range(200)]
+    half = choose_reverse_steps(trace, 4, 0, noisiest=0.5)
+    assert all(len(c) == 4 and max(c) <= 9 for c in half) and {s for c in half for s in c} == set(range(10))
+    whole = choose_reverse_steps(trace, 4, 0)
+    assert {s for c in whole for s in c} == set(range(19))
+    assert choose_reverse_steps(trace[:1], 50, 0, noisiest=0.5) == [list(range(10))]  # fewer than asked: all
+    assert choose_reverse_steps([SimpleNamespace(steps=[None])], 4, 0, noisiest=0.01) == [[0]]
 
 
 def test_a_grpo_run_takes_no_data_and_no_sharding(tmp_path):
@@ -149,6 +163,7 @@ def test_reward_rises_on_a_toy_reward(tmp_path, toy_rewards):
                       max_steps=12, save_every=12, freeze=["llm"], optim={"lr": 1e-3, "warmup_ratio": 0.0})
     result = train(cfg)
     assert all(set(r) >= {"reward", "loss", "kl", "clip_fraction", "grad_norm"} for r in result.history)
+    assert all(0 <= r["flat_groups"] <= 1 for r in result.history)
     assert {k for r in result.history for k in r} >= {"reward/circle", "reward/square", "reward/triangle"}
     settings = GenerationSettings(**cfg.grpo.generation)
     redness = load_reward(f"{toy_rewards}:Redness")

@@ -100,7 +100,8 @@ class GRPOConfig:
     reward: str
     prompts_per_step: int = 4          # over all processes; each process draws whole groups
     group_size: int = 8                # images per prompt, whose rewards are normalised together
-    reverse_steps: int = 4             # noisy reverse steps trained per MAR iteration, drawn at random
+    reverse_steps: int = 4             # noisy reverse steps trained per MAR iteration, drawn at random ...
+    noisiest: float = 0.5              # ... from this share of each chain, from its noisiest end (see grpo.py)
     updates: int = 1                   # optimiser steps per rollout (the clip acts from the second on)
     clip: float = 0.2
     kl: float = 0.0                    # weight of the KL term to the starting model (kept frozen when > 0)
@@ -113,6 +114,7 @@ class GRPOConfig:
         check_range(self.group_size, "grpo.group_size", 2)
         check_range(self.clip, "grpo.clip", 0, 1, low_open=True, high_open=True)
         check_range(self.kl, "grpo.kl", 0)
+        check_range(self.noisiest, "grpo.noisiest", 0, 1, low_open=True)
         for name in ("prompts", "reward"):
             check_prompt(getattr(self, name), f"grpo.{name}")
         try:

@@ -14,12 +14,22 @@ then ``updates`` optimiser steps on
     L = -mean[min(rho A, clip(rho, 1 - clip, 1 + clip) A)] + kl * mean[KL(pi || pi_ref)]
 
 with rho = pi(x_{t-1} | x_t) / pi_old(x_{t-1} | x_t) (densities averaged over the token's channels and the
-iteration's tokens, in log space), over ``reverse_steps`` reverse steps per MAR iteration drawn at random,
-and KL the k3 estimate against the starting model (kept frozen when ``kl`` > 0).
+iteration's tokens, in log space), over ``reverse_steps`` reverse steps per MAR iteration drawn at random
+from the ``noisiest`` share of the head's chain, and KL the k3 estimate against the starting model (kept
+frozen when ``kl`` > 0).
+
+Why only the noisiest steps: the gradient of a step's log-density with respect to its mean is
+noise / (its standard deviation), so the last, nearly noiseless steps give the largest gradients (measured
+on the shipped shapes model at 20 steps: 10-30x those of the steps before, at t = 1) while their draws
+hardly change the image and so carry no information about the reward. Drawn from the whole chain, they
+swamped each update with noise; the image's content is decided in the noisy first part. Even so, a step's
+gradient is mostly noise until it averages thousands of images (measured: docs/shapes.md, "Reward
+fine-tuning"): size ``prompts_per_step`` x ``group_size`` by the agreement of independent steps' gradients.
 """
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -141,12 +151,14 @@ class GRPOPolicy(nn.Module):
                                                it.num_steps)[0].view(b, -1).mean(1) for s in steps], dim=1)
 
 
-def choose_reverse_steps(trace: Sequence[IterationTrace], count: int, seed: int) -> list[list[int]]:
-    """``count`` of each iteration's noisy reverse steps (all when it has fewer), drawn from ``seed``."""
+def choose_reverse_steps(trace: Sequence[IterationTrace], count: int, seed: int,
+                         noisiest: float = 1.0) -> list[list[int]]:
+    """``count`` of each iteration's noisy reverse steps (all when there are fewer), drawn from ``seed`` among
+    the first ceil(``noisiest`` x their number), i.e. the noisiest (the chain runs from high t to low)."""
     g = torch.Generator().manual_seed(seed)
     chosen = []
     for it in trace:
-        n = len(it.steps)
+        n = math.ceil(noisiest * len(it.steps))
         chosen.append(sorted(torch.randperm(n, generator=g)[:count].tolist()) if n > count else list(range(n)))
     return chosen
 
@@ -163,11 +175,16 @@ def step_samples(step: int, cfg: GRPOConfig, n_prompts: int, seed: int, world: W
     return per_image, seeds
 
 
-def reward_report(rewards: torch.Tensor, categories: Sequence[str], world: World) -> dict[str, Any]:
-    """Mean reward of the step over every process, and per category (``reward/<category>``)."""
+def reward_report(rewards: torch.Tensor, categories: Sequence[str], group_size: int,
+                  world: World) -> dict[str, Any]:
+    """Mean reward of the step over every process, per category (``reward/<category>``), and the share of
+    groups whose rewards are all equal (``flat_groups``: their advantages are 0, they teach nothing)."""
     values = gather_lists([f"{c}\t{float(r)!r}" for c, r in zip(categories, rewards.tolist())], world)
     pairs = [(c, float(r)) for c, r in (v.split("\t") for v in values)]
-    report: dict[str, Any] = {"reward": sum(r for _, r in pairs) / len(pairs)}
+    groups = rewards.view(-1, group_size)
+    flat = all_reduce_sum((groups.amax(1) == groups.amin(1)).sum().float(), world).item()
+    report: dict[str, Any] = {"reward": sum(r for _, r in pairs) / len(pairs),
+                              "flat_groups": flat * group_size / len(pairs)}
     for category in sorted({c for c, _ in pairs}):
         of = [r for c, r in pairs if c == category]
         report[f"reward/{category}"] = sum(of) / len(of)
@@ -200,7 +217,7 @@ def train_grpo(cfg: TrainConfig, world: World, model: Harmon, tokenizer, out: Pa
         rollout.rewards = torch.tensor(reward(images, drawn_for), dtype=torch.float32)
         rollout.advantages = group_advantages(rollout.rewards, grpo.group_size)
         rollout.trained_steps = choose_reverse_steps(rollout.trace, grpo.reverse_steps,
-                                                     derive_seed(cfg.seed, 3, step, world.rank))
+                                                     derive_seed(cfg.seed, 3, step, world.rank), grpo.noisiest)
         for _ in range(grpo.updates):
             losses = wrapped(rollout)
             optimizer.zero_grad(set_to_none=True)
@@ -210,7 +227,8 @@ def train_grpo(cfg: TrainConfig, world: World, model: Harmon, tokenizer, out: Pa
             optimizer.step()
         record = {"step": step + 1, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
                   **{k: all_reduce_sum(v.detach().float().cpu(), world).item() / world.size for k, v in losses.items()},
-                  **reward_report(rollout.rewards, [reward.category(r) for r in drawn_for], world)}
+                  **reward_report(rollout.rewards, [reward.category(r) for r in drawn_for], grpo.group_size,
+                                 world)}
         history.append(log.log(step, record, len(ids)))
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
             save_checkpoint(out, step + 1, policy, optimizer, world, cfg)
