@@ -17,7 +17,8 @@ from harmon.settings import GenerationSettings
 from harmon.shapes import world
 from harmon.shapes.reward import ShapesReward
 from harmon.train.config import GRPOConfig, TrainConfig
-from harmon.train.grpo import GRPOPolicy, choose_reverse_steps, group_advantages
+from harmon.train.distributed import World
+from harmon.train.grpo import GRPOPolicy, choose_reverse_steps, group_advantages, reward_report
 from harmon.train.rewards import load_reward, read_prompt_records
 from harmon.train.trainer import train
 
@@ -94,6 +95,12 @@ def test_group_advantages_normalise_within_each_group():
 def test_grpo_config_is_checked(tmp_path, grpo, words):
     with pytest.raises(InputError, match=words):
         grpo_config("m", tmp_path, tmp_path / "p.json", "a:b", grpo=grpo)
+
+
+def test_reward_report_gives_means_per_category_and_the_share_of_flat_groups():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.5, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0])
+    report = reward_report(rewards, ["a"] * 4 + ["b"] * 8, 4, World(0, 1, torch.device("cpu")))
+    assert report == pytest.approx({"reward": 5 / 12, "flat_groups": 2 / 3, "reward/a": 1.0, "reward/b": 0.125})
 
 
 def test_trained_steps_come_from_the_noisiest_share_of_each_chain():
