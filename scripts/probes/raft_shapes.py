@@ -21,6 +21,7 @@ import json
 import time
 from pathlib import Path
 
+from harmon.errors import InputError
 from harmon.hub import default_model_folder
 from harmon.pipelines import TextToImagePipeline
 from harmon.rng import derive_seed
@@ -66,18 +67,23 @@ def main() -> None:
     args = p.parse_args()
     if args.prompts < 1 or args.images_per_prompt < 1:
         p.error("--prompts and --images-per-prompt must be at least 1")
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"{args.out} exists and is not a folder")
+    try:
+        cfg = TrainConfig.from_dict({
+            "model": str(default_model_folder()), "output_dir": str(args.out / "run"), "max_steps": args.steps,
+            "save_every": 25, "keep_checkpoints": 20, "log_every": 5, "progress": False,
+            "gradient_checkpointing": False, "device": "cpu", "freeze": ["llm", "mar_encoder", "projections"],
+            "data": {"jsonl": [str(args.out / "t2i.jsonl")], "image_size": 64, "t2i_batch_size": BATCH,
+                     "i2t_batch_size": 0},
+            "optim": {"lr": args.lr, "warmup_ratio": 0.0, "min_lr_ratio": 1.0},
+        })
+    except InputError as err:
+        p.error(str(err))
     if not (args.out / "t2i.jsonl").is_file():
         draw_and_keep(args.out, args.prompts, args.images_per_prompt)
     if not (args.out / "t2i.jsonl").read_text(encoding="utf-8").strip():
         p.error(f"no image was accepted: {args.out / 't2i.jsonl'} is empty")
-    cfg = TrainConfig.from_dict({
-        "model": str(default_model_folder()), "output_dir": str(args.out / "run"), "max_steps": args.steps,
-        "save_every": 25, "keep_checkpoints": 20, "log_every": 5, "progress": False,
-        "gradient_checkpointing": False, "device": "cpu", "freeze": ["llm", "mar_encoder", "projections"],
-        "data": {"jsonl": [str(args.out / "t2i.jsonl")], "image_size": 64, "t2i_batch_size": BATCH,
-                 "i2t_batch_size": 0},
-        "optim": {"lr": args.lr, "warmup_ratio": 0.0, "min_lr_ratio": 1.0},
-    })
     print(f"model: {train(cfg).final_dir}")
 
 
