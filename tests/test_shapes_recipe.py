@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from harmon.config import VAEConfig, shapes
+from harmon.errors import InputError
 from harmon.models.diffusion_head import SimpleMLPAdaLN
 from harmon.models.vae import AutoencoderKL
 from harmon.settings import DecodingSettings, GenerationSettings
@@ -229,3 +230,18 @@ def test_shipped_decoder_draws_the_empty_canvas_plain():
     pixels = (decoded.clamp(-1, 1) + 1) * 127.5
     distance = (pixels - torch.tensor(world.BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1)).norm(dim=1)
     assert float((distance > 12).float().mean()) < 0.05, float((distance > 12).float().mean())
+
+
+def test_recipe_precision_follows_the_cpu(monkeypatch):
+    """"auto" trains in bfloat16 only where the CPU has bf16 matrix instructions (elsewhere bf16 autocast is
+    many times slower than float32), VAE stage included; an explicit choice is kept; others are refused."""
+    from harmon.shapes import recipe
+    monkeypatch.setattr(recipe, "cpu_has_bf16", lambda: False)
+    cfg = RecipeConfig()
+    assert cfg.precision == "float32" and not cfg.vae.bfloat16 and cfg.to_dict()["precision"] == "float32"
+    assert RecipeConfig(precision="bfloat16").vae.bfloat16
+    monkeypatch.setattr(recipe, "cpu_has_bf16", lambda: True)
+    assert RecipeConfig().precision == "bfloat16" and RecipeConfig().vae.bfloat16
+    assert not RecipeConfig(precision="float32").vae.bfloat16
+    with pytest.raises(InputError, match="precision must be"):
+        RecipeConfig(precision="fp8")
