@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
+from harmon.server.worker import MAX_BATCH
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")  # prompts of the shapes world (any text works)
 SHAPES = ("circle", "square", "triangle")
@@ -246,6 +248,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"only loopback servers may be load-tested, not {urlparse(args.url).hostname}")
     if args.compare_batching and args.url:
         p.error("--compare-batching starts its own servers: leave out --url")
+    if args.max_batch is not None and not 1 <= args.max_batch <= MAX_BATCH:
+        p.error(f"--max-batch must be in 1..{MAX_BATCH} (1: no batching), got {args.max_batch}")
     args.images_only = args.images_only or args.compare_batching
     return args
 
