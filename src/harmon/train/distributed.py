@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,18 +24,26 @@ class World:
         return self.rank == 0
 
 
-def setup_world(device: str) -> World:
-    """Join the ``torchrun`` process group if there is one (gloo on CPU, nccl on CUDA)."""
+@contextmanager
+def joined_world(device: str) -> Iterator[World]:
+    """This process's :class:`World`: under ``torchrun`` it joins the process group (gloo on CPU, nccl on
+    CUDA) and leaves it on the way out, since a process that exits with a gloo group alive can die in its
+    teardown ("terminate called without an active exception") after its work is done."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
-    if size > 1 and not dist.is_initialized():
+    joins = size > 1 and not dist.is_initialized()
+    if joins:
         if use_cuda:
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return World(rank, size, dev)
+    try:
+        yield World(rank, size, dev)
+    finally:
+        if joins:
+            dist.destroy_process_group()
 
 
 def all_reduce_sum(values: torch.Tensor, world: World) -> torch.Tensor:

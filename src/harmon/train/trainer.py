@@ -26,7 +26,7 @@ from .checkpoints import (check_resume_config, edit_checkpoint, export, export_c
                           latest_step, load_checkpoint, save_checkpoint)
 from .config import TrainConfig
 from .data import Batcher, read_finetune, read_jsonl, read_llava
-from .distributed import World, barrier, gather_lists, setup_world
+from .distributed import World, barrier, gather_lists, joined_world
 from .grpo import train_grpo
 from .loop import Learner, StepBatches, prefetched
 from .metrics import RunLog
@@ -53,11 +53,11 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> TrainResult:
     Dropout draws from torch's global generator: it is seeded here from (seed, rank),
     saved in checkpoints, and the caller's global RNG state is restored afterwards.
     """
-    world = setup_world(cfg.device)
-    devices = [world.device.index or 0] if world.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(derive_seed(cfg.seed, world.rank))
-        return _train(cfg, world, stop_after)
+    with joined_world(cfg.device) as world:
+        devices = [world.device.index or 0] if world.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(derive_seed(cfg.seed, world.rank))
+            return _train(cfg, world, stop_after)
 
 
 def _train(cfg: TrainConfig, world: World, stop_after: int | None) -> TrainResult:
