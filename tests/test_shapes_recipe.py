@@ -3,6 +3,7 @@ toy scale (resumable), and the shipped default model."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -128,13 +129,14 @@ def test_recipe_at_toy_scale_runs_resumes_and_refuses_other_settings(tmp_path):
 
     cfg = RecipeConfig(n_images=12, vae=VAETrainConfig(steps=2, batch_size=4, log_every=1), steps=2,
                        t2i_batch_size=4, i2t_batch_size=2, save_every=1, compile=False, progress=False,
-                       local_decoder_after=1, latent_readout=1.0,
+                       local_decoder_after=1, latent_readout=1.0, second_steps=1, second_lr=5e-4,
                        decoder=VAETrainConfig(steps=2, batch_size=4, log_every=1, bfloat16=False, decoder_only=True))
     model_dir = run_recipe(tmp_path / "run", cfg)
     log = [json.loads(line) for line in (tmp_path / "run" / "harmon" / "log.jsonl").read_text().splitlines()]
     assert all(r["t2i_readout"] > 0 for r in log)
     record = json.loads((tmp_path / "run" / "recipe.json").read_text())
-    assert set(record["seconds"]) == {"data", "tokenizer", "vae", "init", "local", "harmon", "decoder", "total"}
+    assert set(record["seconds"]) == {"data", "tokenizer", "vae", "init", "local", "harmon", "second", "decoder",
+                                        "total"}
     vae_scale = json.loads((tmp_path / "run" / "vae" / "scale.json").read_text())["vae_scale"]
     model = load_model(model_dir)
     # made local after step 1 (positions cos/sin * 4 * LOCAL_TOKEN_SCALE), then one more step of AdamW at lr <= 1e-3
@@ -155,8 +157,15 @@ def test_recipe_at_toy_scale_runs_resumes_and_refuses_other_settings(tmp_path):
 
     weights = load_file(str(model_dir / "model.safetensors"))
     refined = load_file(str(tmp_path / "run" / "decoder" / "model.safetensors"))  # float32, as trained
-    exported = load_file(str(tmp_path / "run" / "harmon" / "final" / "model.safetensors"))
-    assert weights.keys() == refined.keys() == exported.keys()
+    exported = load_file(str(tmp_path / "run" / "second" / "final" / "model.safetensors"))
+    first = load_file(str(tmp_path / "run" / "harmon" / "final" / "model.safetensors"))
+    assert weights.keys() == refined.keys() == exported.keys() == first.keys()
+    # the second run went on from the first run's export: one step of its own, which moved the Harmon's weights
+    second_log = [json.loads(line) for line in (tmp_path / "run" / "second" / "log.jsonl").read_text().splitlines()]
+    second_cfg = json.loads((tmp_path / "run" / "second" / "train_config.json").read_text())
+    assert [r["step"] for r in second_log] == [1] and second_cfg["optim"]["lr"] == 5e-4
+    assert second_cfg["model"] == str(tmp_path / "run" / "harmon" / "final")
+    assert not torch.equal(first["mar.mask_token"], exported["mar.mask_token"])
     assert all(weights[k].dtype == torch.float16 and torch.equal(weights[k], refined[k].half()) for k in weights)
     # the decoder stage trained the VAE's decoder and nothing else
     decoder = [k for k in weights if k.startswith(("vae.decoder.", "vae.post_quant_conv."))]
@@ -168,10 +177,15 @@ def test_recipe_at_toy_scale_runs_resumes_and_refuses_other_settings(tmp_path):
     again = load_file(str(model_dir / "model.safetensors"))
     assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
     assert json.loads((tmp_path / "run" / "recipe.json").read_text())["seconds"]["vae"] == record["seconds"]["vae"]
-    with pytest.raises(ValueError, match="other settings"):
-        run_recipe(tmp_path / "run", RecipeConfig(n_images=13, progress=False))
+    with pytest.raises(InputError, match=r"other settings \(n_images: 12 -> 13; steps: 2 -> 3\): continue it"):
+        run_recipe(tmp_path / "run", dataclasses.replace(cfg, n_images=13, steps=3))
     with pytest.raises(ValueError, match="local_decoder_after must be a multiple of save_every"):
         RecipeConfig(local_decoder_after=100)
+    with pytest.raises(InputError, match=r"second_steps must be >= 0 \(0: no second run\), got -1"):
+        RecipeConfig(second_steps=-1)
+    for lr in (0.0, -1e-4, float("nan"), float("inf")):
+        with pytest.raises(InputError, match="second_lr must be a positive number"):
+            RecipeConfig(second_lr=lr)
 
 
 def test_shapes_preset_is_consistent():
@@ -245,3 +259,26 @@ def test_recipe_precision_follows_the_cpu(monkeypatch):
     assert not RecipeConfig(precision="float32").vae.bfloat16
     with pytest.raises(InputError, match="precision must be"):
         RecipeConfig(precision="fp8")
+
+
+def test_train_shapes_takes_the_precision_from_its_flag(monkeypatch, tmp_path, capsys):
+    """`harmon train-shapes --precision P` hands P to the recipe (so that a run started in bfloat16 can be
+    continued on a CPU whose "auto" says float32); a precision outside the three is a usage error."""
+    from harmon.cli import main
+    from harmon.cli import train as train_cli
+    seen = []
+
+    def fake_recipe(out, cfg):
+        seen.append(cfg)
+        (tmp_path / "recipe.json").write_text(json.dumps({"seconds": {}}))
+        return tmp_path / "model"
+
+    monkeypatch.setattr(train_cli, "run_recipe", fake_recipe)
+    assert main(["train-shapes", "--out", str(tmp_path), "--precision", "bfloat16", "-q"]) == 0
+    assert main(["train-shapes", "--out", str(tmp_path), "--precision", "float32"]) == 0
+    assert [(c.precision, c.vae.bfloat16, c.progress) for c in seen] == [("bfloat16", True, False),
+                                                                          ("float32", False, True)]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["train-shapes", "--out", str(tmp_path), "--precision", "fp16"])
+    assert stop.value.code == 2 and "invalid choice: 'fp16'" in capsys.readouterr().err

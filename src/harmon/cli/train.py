@@ -37,6 +37,10 @@ def add_parsers(subparsers) -> None:
                     "Running the same command again continues an interrupted run.")
     p.add_argument("--out", required=True, metavar="DIR", help="working folder (data, checkpoints, model)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of everything")
+    p.add_argument("--precision", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="autocast of the VAE and Harmon stages; auto (default): bfloat16 where the CPU has bf16 "
+                        "matrix instructions (AVX512-BF16 or AMX), else float32; a run continues only with the "
+                        "precision it started with")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -61,7 +65,8 @@ def cmd_train_shapes(args: argparse.Namespace) -> int:
     """Run :func:`harmon.shapes.recipe.run_recipe` with the shipped model's settings; 0 on success."""
     if args.seed < 0:
         raise InputError(f"--seed must be >= 0, got {args.seed}")
-    model_dir = run_recipe(args.out, RecipeConfig(seed=args.seed, progress=not args.quiet))
+    model_dir = run_recipe(args.out, RecipeConfig(seed=args.seed, precision=args.precision,
+                                                    progress=not args.quiet))
     seconds = json.loads((Path(args.out) / "recipe.json").read_text())["seconds"]
     print(f"model: {model_dir} (stages took {seconds})")
     return 0

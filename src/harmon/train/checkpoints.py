@@ -140,18 +140,21 @@ def check_resume_config(out: Path, cfg: TrainConfig) -> None:
     if latest_name(out) is None or not saved_path.is_file():
         return
     saved = TrainConfig.from_dict(read_json(saved_path)).to_dict()  # settings added since: their defaults
-    saved = json.loads(json.dumps(saved))
-    now = json.loads(json.dumps(cfg.to_dict()))  # tuples as JSON has them
-
-    def flat(d, prefix=""):
-        return {k2: v2 for k, v in d.items()
-                for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(prefix + k, v)])}
-    old, new = flat(saved), flat(now)
-    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-               if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
+    changed = setting_changes(saved, cfg.to_dict(), RESUMABLE_CHANGES)
     if changed:
         raise InputError(f"{out} holds a run with other settings ({'; '.join(changed)}): resume it with its own "
                          f"({saved_path}), or train into a new output_dir")
+
+
+def setting_changes(saved: dict, now: dict, ignore=()) -> list[str]:
+    """``"key: old -> new"`` for every setting of two nested settings dicts that differs (nested keys joined
+    with dots, tuples compared as JSON holds them), but those named in ``ignore``."""
+    def flat(d, prefix=""):
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(prefix + k, v)])}
+    old, new = flat(json.loads(json.dumps(saved))), flat(json.loads(json.dumps(now)))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and k not in ignore]
 
 
 def latest_name(run: Path) -> str | None:
