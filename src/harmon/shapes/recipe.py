@@ -183,15 +183,7 @@ def run_recipe(out_dir: str | Path, cfg: RecipeConfig) -> Path:
         _stage(out, name, times, run)
         save_record()
     harmon_dir = out / "harmon"
-    harmon_cfg = TrainConfig(
-        model=str(init_dir), output_dir=str(harmon_dir),
-        data=DataConfig(jsonl=[str(data / "t2i.jsonl")], llava=[str(data / "llava.json")],
-                        image_size=config.mar.img_size, t2i_batch_size=cfg.t2i_batch_size,
-                        i2t_batch_size=cfg.i2t_batch_size),
-        optim=OptimConfig(lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, min_lr_ratio=0.05),
-        max_steps=cfg.steps, seed=cfg.seed, latent_readout=cfg.latent_readout, precision=cfg.precision,
-        gradient_checkpointing=False, compile=cfg.compile, device="cpu", save_every=cfg.save_every,
-        keep_checkpoints=1, log_every=25, progress=cfg.progress)
+    harmon_cfg = harmon_train_config(cfg, init_dir, data, harmon_dir, cfg.steps, cfg.lr)
     tick = time.perf_counter()
     if cfg.local_decoder_after is not None:
         done = latest_step(harmon_dir)
@@ -207,9 +199,7 @@ def run_recipe(out_dir: str | Path, cfg: RecipeConfig) -> Path:
     times["harmon"] = round(times.get("harmon", 0.0) + time.perf_counter() - tick, 1)
     save_record()
     if final is not None and cfg.second_steps:
-        second_cfg = dataclasses.replace(
-            harmon_cfg, model=str(final), output_dir=str(out / "second"), max_steps=cfg.second_steps,
-            optim=dataclasses.replace(harmon_cfg.optim, lr=cfg.second_lr))
+        second_cfg = harmon_train_config(cfg, final, data, out / "second", cfg.second_steps, cfg.second_lr)
         tick = time.perf_counter()
         final = train(second_cfg).final_dir
         times["second"] = round(times.get("second", 0.0) + time.perf_counter() - tick, 1)
@@ -225,6 +215,22 @@ def run_recipe(out_dir: str | Path, cfg: RecipeConfig) -> Path:
         shutil.copytree(final, model_dir, ignore=shutil.ignore_patterns(WEIGHTS_NAME, CONFIG_NAME))
         save_model(load_model(out / "decoder", dtype=torch.float16), model_dir)
     return model_dir
+
+
+def harmon_train_config(cfg: RecipeConfig, model_dir: Path, data: Path, output_dir: Path, steps: int,
+                        lr: float) -> TrainConfig:
+    """The trainer's settings for the recipe's runs of the Harmon (the first and the second differ in the model
+    they start from, their folder, steps and peak learning rate): both objectives on the recipe's data."""
+    image_size = shapes().mar.img_size
+    return TrainConfig(
+        model=str(model_dir), output_dir=str(output_dir),
+        data=DataConfig(jsonl=[str(data / "t2i.jsonl")], llava=[str(data / "llava.json")],
+                        image_size=image_size, t2i_batch_size=cfg.t2i_batch_size,
+                        i2t_batch_size=cfg.i2t_batch_size),
+        optim=OptimConfig(lr=lr, warmup_ratio=cfg.warmup_ratio, min_lr_ratio=0.05),
+        max_steps=steps, seed=cfg.seed, latent_readout=cfg.latent_readout, precision=cfg.precision,
+        gradient_checkpointing=False, compile=cfg.compile, device="cpu", save_every=cfg.save_every,
+        keep_checkpoints=1, log_every=25, progress=cfg.progress)
 
 
 def refine_decoder(model_dir: Path, data: Path, out_dir: Path, cfg: RecipeConfig) -> None:
