@@ -167,7 +167,7 @@ def test_reward_rises_on_a_toy_reward(tmp_path, toy_rewards):
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(["a circle", "a square", "a triangle"]))
     cfg = grpo_config(str(default_model_folder()), tmp_path / "run", prompts, f"{toy_rewards}:Redness",
-                      max_steps=12, save_every=12, freeze=["llm"], optim={"lr": 1e-3, "warmup_ratio": 0.0})
+                      max_steps=12, save_every=12, freeze=["llm"], optim={"lr": 3e-3, "warmup_ratio": 0.0})
     result = train(cfg)
     assert all(set(r) >= {"reward", "loss", "kl", "clip_fraction", "grad_norm"} for r in result.history)
     assert all(0 <= r["flat_groups"] <= 1 for r in result.history)
