@@ -16,6 +16,8 @@ import math
 import sys
 from pathlib import Path
 
+from harmon.shapes.report import grouped_accuracy
+
 
 PARTS = {  # part of results.json -> (group, item identity, correct) of each of its items
     "generation": lambda r: [(item["category"], (item["prompt"], s["seed"]), bool(s["correct"]))
@@ -53,10 +55,7 @@ def change(pairs: list[tuple[bool, bool]]) -> str:
 
 def overall(rows: list[tuple[str, object, bool]]) -> float:
     """The overall score as the evaluation gives it: the mean over groups of each group's share correct."""
-    per: dict[str, list[bool]] = {}
-    for group, _, ok in rows:
-        per.setdefault(group, []).append(ok)
-    return sum(sum(v) / len(v) for v in per.values()) / len(per)
+    return grouped_accuracy([r[0] for r in rows], [r[2] for r in rows], ())[2]
 
 
 def main(argv: list[str] | None = None) -> int:
