@@ -129,14 +129,14 @@ def test_recipe_at_toy_scale_runs_resumes_and_refuses_other_settings(tmp_path):
 
     cfg = RecipeConfig(n_images=12, vae=VAETrainConfig(steps=2, batch_size=4, log_every=1), steps=2,
                        t2i_batch_size=4, i2t_batch_size=2, save_every=1, compile=False, progress=False,
-                       local_decoder_after=1, latent_readout=1.0, second_steps=1, second_lr=5e-4,
+                       local_decoder_after=1, latent_readout=1.0, restarts=2, restart_steps=1, restart_lr=5e-4,
                        decoder=VAETrainConfig(steps=2, batch_size=4, log_every=1, bfloat16=False, decoder_only=True))
     model_dir = run_recipe(tmp_path / "run", cfg)
     log = [json.loads(line) for line in (tmp_path / "run" / "harmon" / "log.jsonl").read_text().splitlines()]
     assert all(r["t2i_readout"] > 0 for r in log)
     record = json.loads((tmp_path / "run" / "recipe.json").read_text())
-    assert set(record["seconds"]) == {"data", "tokenizer", "vae", "init", "local", "harmon", "second", "decoder",
-                                        "total"}
+    assert set(record["seconds"]) == {"data", "tokenizer", "vae", "init", "local", "harmon", "restart1", "restart2",
+                                        "decoder", "total"}
     vae_scale = json.loads((tmp_path / "run" / "vae" / "scale.json").read_text())["vae_scale"]
     model = load_model(model_dir)
     # made local after step 1 (positions cos/sin * 4 * LOCAL_TOKEN_SCALE), then one more step of AdamW at lr <= 1e-3
@@ -157,15 +157,18 @@ def test_recipe_at_toy_scale_runs_resumes_and_refuses_other_settings(tmp_path):
 
     weights = load_file(str(model_dir / "model.safetensors"))
     refined = load_file(str(tmp_path / "run" / "decoder" / "model.safetensors"))  # float32, as trained
-    exported = load_file(str(tmp_path / "run" / "second" / "final" / "model.safetensors"))
+    exported = load_file(str(tmp_path / "run" / "restart2" / "final" / "model.safetensors"))
     first = load_file(str(tmp_path / "run" / "harmon" / "final" / "model.safetensors"))
-    assert weights.keys() == refined.keys() == exported.keys() == first.keys()
-    # the second run went on from the first run's export: one step of its own, which moved the Harmon's weights
-    second_log = [json.loads(line) for line in (tmp_path / "run" / "second" / "log.jsonl").read_text().splitlines()]
-    second_cfg = json.loads((tmp_path / "run" / "second" / "train_config.json").read_text())
-    assert [r["step"] for r in second_log] == [1] and second_cfg["optim"]["lr"] == 5e-4
-    assert second_cfg["model"] == str(tmp_path / "run" / "harmon" / "final")
-    assert not torch.equal(first["mar.mask_token"], exported["mar.mask_token"])
+    restarted = load_file(str(tmp_path / "run" / "restart1" / "final" / "model.safetensors"))
+    assert weights.keys() == refined.keys() == exported.keys() == first.keys() == restarted.keys()
+    # each restart went on from the run before it: one step of its own, which moved the Harmon's weights
+    for name, started_from in (("restart1", "harmon"), ("restart2", "restart1")):
+        restart_log = [json.loads(line) for line in (tmp_path / "run" / name / "log.jsonl").read_text().splitlines()]
+        restart_cfg = json.loads((tmp_path / "run" / name / "train_config.json").read_text())
+        assert [r["step"] for r in restart_log] == [1] and restart_cfg["optim"]["lr"] == 5e-4
+        assert restart_cfg["model"] == str(tmp_path / "run" / started_from / "final")
+    assert not torch.equal(first["mar.mask_token"], restarted["mar.mask_token"])
+    assert not torch.equal(restarted["mar.mask_token"], exported["mar.mask_token"])
     assert all(weights[k].dtype == torch.float16 and torch.equal(weights[k], refined[k].half()) for k in weights)
     # the decoder stage trained the VAE's decoder and nothing else
     decoder = [k for k in weights if k.startswith(("vae.decoder.", "vae.post_quant_conv."))]
@@ -181,11 +184,15 @@ def test_recipe_at_toy_scale_runs_resumes_and_refuses_other_settings(tmp_path):
         run_recipe(tmp_path / "run", dataclasses.replace(cfg, n_images=13, steps=3))
     with pytest.raises(ValueError, match="local_decoder_after must be a multiple of save_every"):
         RecipeConfig(local_decoder_after=100)
-    with pytest.raises(InputError, match=r"second_steps must be >= 0 \(0: no second run\), got -1"):
-        RecipeConfig(second_steps=-1)
-    for lr in (0.0, -1e-4, float("nan"), float("inf")):
-        with pytest.raises(InputError, match="second_lr must be a positive number"):
-            RecipeConfig(second_lr=lr)
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(InputError, match=f"restarts must be a whole number >= 0, got {bad!r}"):
+            RecipeConfig(restarts=bad)
+    for bad in (0, 2.0, None):
+        with pytest.raises(InputError, match=f"restart_steps must be a whole number >= 1, got {bad!r}"):
+            RecipeConfig(restart_steps=bad)
+    for lr in (0.0, -1e-4, float("nan"), float("inf"), "1e-4", True):
+        with pytest.raises(InputError, match="restart_lr must be a positive number"):
+            RecipeConfig(restart_lr=lr)
 
 
 def test_shapes_preset_is_consistent():

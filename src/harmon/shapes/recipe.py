@@ -14,14 +14,15 @@ interrupted run continues where it stopped:
    exported to ``harmon/final``; with ``local_decoder_after`` set, the run stops at
    that step, half of the MAR decoder's heads are made local in its checkpoint (the ``local``
    stage), and the run goes on from there;
-7. ``second/``: a second run of the same trainer over the same data, from ``harmon/final``, with a fresh
-   optimizer and its own warm-up and cosine schedule (``second_steps`` at peak ``second_lr``): it raised
-   generation from 0.124 to 0.185 and understanding from 0.702 to 0.753 (docs/shapes.md);
+7. ``restart1/``, ``restart2/``, ...: ``restarts`` further runs of the same trainer over the same data, each
+   from the last run's export (the first from ``harmon/final``) with a fresh optimizer and a warm-up and cosine
+   schedule of its own (``restart_steps`` at peak ``restart_lr``): the first run stops while still learning, and
+   each restart raised both scores (docs/shapes.md, "Restarts");
 8. ``decoder/``: the VAE's decoder, alone, trained further on the training images plus empty canvases
    (:func:`refine_decoder`): a decoder that never saw an empty canvas draws the latent of one as a
    washed-out noisy frame, which is what the model's images without an object looked like
    (docs/shapes.md); the encoder, and so every latent the Harmon learnt, stays as it is. The finished
-   model is ``second/final`` (``harmon/final`` without a second run) with this decoder.
+   model is the last restart's export (``harmon/final`` without restarts) with this decoder.
 
 ``model/`` holds the finished model with its weights stored in float16 (the shipped form).
 ``recipe.json`` records the settings and the seconds each stage took. Everything is
@@ -93,10 +94,11 @@ class RecipeConfig:
     # None: never); see models.init.init_local_decoder_attention
     local_decoder_after: int | None = 500
     latent_readout: float = 1.0  # weight of the trainer's auxiliary readout loss (TrainConfig.latent_readout)
-    # the second run (stage 7): its steps (0: none) and peak learning rate; warm-up, batches, seed and the rest
-    # as the first run's
-    second_steps: int = 1750
-    second_lr: float = 5e-4
+    # the restarts (stage 7): how many further runs (0: none), the steps and peak learning rate of each; warm-up,
+    # batches, seed and the rest as the first run's
+    restarts: int = 2
+    restart_steps: int = 1750
+    restart_lr: float = 5e-4
     compile: bool = True  # torch.compile for the Harmon stage: 1.39x on a 2-core CPU, same losses up to rounding
     # the decoder stage, in float32: it is short, and bf16 autocast is ~100x slower on CPUs without bf16 matrix units
     decoder: VAETrainConfig = field(default_factory=lambda: VAETrainConfig(
@@ -111,10 +113,13 @@ class RecipeConfig:
             self.precision = "bfloat16" if cpu_has_bf16() else "float32"
         if self.precision == "float32":
             self.vae = dataclasses.replace(self.vae, bfloat16=False)
-        if self.second_steps < 0:
-            raise InputError(f"second_steps must be >= 0 (0: no second run), got {self.second_steps}")
-        if not 0 < self.second_lr < float("inf"):
-            raise InputError(f"second_lr must be a positive number, got {self.second_lr}")
+        for name, least in (("restarts", 0), ("restart_steps", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InputError(f"{name} must be a whole number >= {least}, got {value!r}")
+        if isinstance(self.restart_lr, bool) or not isinstance(self.restart_lr, (int, float)) \
+                or not 0 < self.restart_lr < float("inf"):
+            raise InputError(f"restart_lr must be a positive number, got {self.restart_lr!r}")
         after = self.local_decoder_after
         if after is not None and not (0 < after < self.steps and after % self.save_every == 0):
             raise InputError(f"local_decoder_after must be a multiple of save_every ({self.save_every}) "
@@ -198,11 +203,13 @@ def run_recipe(out_dir: str | Path, cfg: RecipeConfig) -> Path:
     final = train(harmon_cfg).final_dir
     times["harmon"] = round(times.get("harmon", 0.0) + time.perf_counter() - tick, 1)
     save_record()
-    if final is not None and cfg.second_steps:
-        second_cfg = harmon_train_config(cfg, final, data, out / "second", cfg.second_steps, cfg.second_lr)
+    for restart in range(1, cfg.restarts + 1):
+        if final is None:
+            break
+        name = f"restart{restart}"
         tick = time.perf_counter()
-        final = train(second_cfg).final_dir
-        times["second"] = round(times.get("second", 0.0) + time.perf_counter() - tick, 1)
+        final = train(harmon_train_config(cfg, final, data, out / name, cfg.restart_steps, cfg.restart_lr)).final_dir
+        times[name] = round(times.get(name, 0.0) + time.perf_counter() - tick, 1)
         save_record()
     model_dir = out / "model"
     if final is not None:
@@ -219,8 +226,8 @@ def run_recipe(out_dir: str | Path, cfg: RecipeConfig) -> Path:
 
 def harmon_train_config(cfg: RecipeConfig, model_dir: Path, data: Path, output_dir: Path, steps: int,
                         lr: float) -> TrainConfig:
-    """The trainer's settings for the recipe's runs of the Harmon (the first and the second differ in the model
-    they start from, their folder, steps and peak learning rate): both objectives on the recipe's data."""
+    """The trainer's settings for the recipe's runs of the Harmon (the first run and the restarts differ in the
+    model they start from, their folder, steps and peak learning rate): both objectives on the recipe's data."""
     image_size = shapes().mar.img_size
     return TrainConfig(
         model=str(model_dir), output_dir=str(output_dir),
