@@ -46,6 +46,7 @@ def main() -> None:
     model, tokenizer = load_pretrained(None, dtype=torch.float32)
     head = [p for n, p in model.named_parameters() if n.startswith("mar.diffloss.")]
     decoder = [p for n, p in model.named_parameters() if "decoder" in n and not n.startswith("mar.diffloss.")]
+    n_head, n_decoder = sum(p.numel() for p in head), sum(p.numel() for p in decoder)
     records = [r for r in world.make_prompts(PROMPTS, 12345) for _ in range(GROUP)]
     policy = GRPOPolicy(model, GRPOConfig(prompts="-", reward="-", generation={"num_steps": 20}))
     reward = ShapesReward()
@@ -59,7 +60,8 @@ def main() -> None:
         if r == 0:
             for s, step in enumerate(rollout.trace[0].steps):
                 rollout.trained_steps = [[s] if s < len(it.steps) else [] for it in rollout.trace]
-                g_head, g_dec = gradient(policy, rollout, head).norm(), gradient(policy, rollout, decoder).norm()
+                g_head, g_dec = gradient(policy, rollout, head + decoder).split([n_head, n_decoder])
+                g_head, g_dec = g_head.norm(), g_dec.norm()
                 print(f"  only step {s:2d} (t = {step.t:3d}) trained: gradient norm head {g_head:.3e}, "
                       f"MAR decoder {g_dec:.3e}")
         for share, kept in grads.items():
@@ -89,6 +91,7 @@ def split_cosines(grads: list[torch.Tensor], size: int, draws: int = 20) -> list
         b = torch.stack([grads[i] for i in order[size:2 * size]]).mean(0)
         out.append(torch.nn.functional.cosine_similarity(a, b, dim=0).item())
     return out
+
 
 if __name__ == "__main__":
     main()
