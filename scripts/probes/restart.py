@@ -12,19 +12,15 @@ interrupted (the same command again). One hour on a 2-core AVX2 CPU.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
-import torch
-
-from harmon.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model
+from harmon.checkpoint import CONFIG_NAME
 from harmon.config import shapes
 from harmon.errors import InputError
 from harmon.hub import default_model_folder
-from harmon.saving import save_model
 from harmon.shapes.datasets import write_datasets
-from harmon.shapes.recipe import RecipeConfig, harmon_train_config
+from harmon.shapes.recipe import RecipeConfig, harmon_train_config, store_float16
 from harmon.train.trainer import train
 
 
@@ -47,9 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         p.error(str(err))
     stored = args.out / "model"
-    shutil.rmtree(stored, ignore_errors=True)
-    shutil.copytree(result.final_dir, stored, ignore=shutil.ignore_patterns(WEIGHTS_NAME, CONFIG_NAME))
-    save_model(load_model(result.final_dir, dtype=torch.float16), stored)
+    store_float16(result.final_dir, result.final_dir, stored)
     print(f"trained {result.steps} steps; float16 model in {stored}")
     return 0
 

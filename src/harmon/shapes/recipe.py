@@ -216,12 +216,16 @@ def run_recipe(out_dir: str | Path, cfg: RecipeConfig) -> Path:
         _stage(out, "decoder", times, lambda: refine_decoder(final, data, out / "decoder", cfg))
         times["total"] = round(sum(v for k, v in times.items() if k != "total"), 1)
         save_record()
-        shutil.rmtree(model_dir, ignore_errors=True)
-        # the tokenizer as exported; the weights in the shipped form: float16, half the size, the same
-        # evaluation scores (docs/shapes.md)
-        shutil.copytree(final, model_dir, ignore=shutil.ignore_patterns(WEIGHTS_NAME, CONFIG_NAME))
-        save_model(load_model(out / "decoder", dtype=torch.float16), model_dir)
+        store_float16(out / "decoder", final, model_dir)
     return model_dir
+
+
+def store_float16(model_dir: Path, files_dir: Path, out: Path) -> None:
+    """Write ``out`` anew: the model of ``model_dir`` with its weights in the shipped form (float16: half the
+    size, the same evaluation scores, docs/shapes.md) beside the other files (tokenizer) of ``files_dir``."""
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(files_dir, out, ignore=shutil.ignore_patterns(WEIGHTS_NAME, CONFIG_NAME))
+    save_model(load_model(model_dir, dtype=torch.float16), out)
 
 
 def harmon_train_config(cfg: RecipeConfig, model_dir: Path, data: Path, output_dir: Path, steps: int,
